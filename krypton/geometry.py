@@ -1,0 +1,142 @@
+"""Patch and window arithmetic of incremental inference (SIGMOD'19 eq. 13-16, 20, 22-27, 31).
+
+Pure functions on integer numpy arrays, one entry per occlusion position, applied to one spatial
+dimension at a time (height and width are independent). No tensors, no model: everything here is
+unit-testable on its own.
+
+Conventions: a *rect* is the region of a feature map whose values differ from the clean image's for a
+position; it is described by per-position origins (int64 array, shape [N]) and ONE size shared by all
+positions (uniform sizes keep every batch one dense tensor). An origin is always shifted so that the
+rect lies inside the map (App. C, eq. 31): a rect that is bigger than needed is still exact, because
+every value inside it is recomputed from correct inputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Rect1D:
+    """Per-position origins and a shared size along one dimension of a map of length `extent`."""
+
+    origin: np.ndarray  # int64 [N]
+    size: int
+    extent: int
+
+    def covers_map(self) -> bool:
+        return self.size >= self.extent
+
+
+@dataclass(frozen=True)
+class Window1D:
+    """What a sliding-window node (conv, pool) computes along one dimension.
+
+    `out` is the output rect; `read_origin`/`read_size` is the read-in context in the input
+    (eq. 15-16), which may reach into the padding (negative or past the end).
+    """
+
+    out: Rect1D
+    read_origin: np.ndarray
+    read_size: int
+
+
+def effective_kernel(kernel: int, dilation: int) -> int:
+    return dilation * (kernel - 1) + 1
+
+
+def cap_size(exact_size: int, extent: int, tau: float) -> int:
+    """Projective-field threshold (eq. 22): at most round(tau * extent) cells, at least 1."""
+    if tau >= 1.0:
+        return exact_size
+    return max(1, min(exact_size, int(np.floor(tau * extent + 0.5))))
+
+
+def shift_inside(origin: np.ndarray, size: int, extent: int) -> np.ndarray:
+    """Clamp origins so that [origin, origin + size) lies inside [0, extent) (eq. 31)."""
+    return np.clip(origin, 0, max(extent - size, 0)).astype(np.int64)
+
+
+def sliding_window(
+    rect: Rect1D,
+    out_extent: int,
+    kernel: int,
+    stride: int,
+    pad_before: int,
+    dilation: int = 1,
+    tau: float = 1.0,
+) -> Window1D:
+    """Output rect and read-in window of a conv/pool node for an input rect (eq. 13-16).
+
+    The exact per-position output range is [ceil((x + p - Ke + 1) / s), floor((x + W - 1 + p) / s)]
+    clipped to the map; the shared size is the largest of those ranges (never more than eq. 14's bound).
+    With tau < 1 the output size is capped and the input rect shrinks around its centre (eq. 22-27).
+    """
+    ke = effective_kernel(kernel, dilation)
+    x, w = rect.origin, rect.size
+    lo = np.maximum(-((-(x + pad_before - ke + 1)) // stride), 0)  # ceil division
+    hi = np.minimum((x + w - 1 + pad_before) // stride, out_extent - 1)
+    size = int(max(1, (hi - lo + 1).max(initial=1)))
+    size = min(size, out_extent)
+    capped = cap_size(size, out_extent, tau)
+    if capped < size:
+        # Shrink the input rect to what `capped` outputs can see, keeping its centre (eq. 23-24).
+        w_in = max(1, capped * stride - ke + 1)
+        x_in = x + (w - w_in) // 2
+        lo = np.maximum(-((-(x_in + pad_before - ke + 1)) // stride), 0)
+        size = capped
+    origin = shift_inside(lo, size, out_extent)
+    read_origin = origin * stride - pad_before
+    read_size = (size - 1) * stride + ke
+    return Window1D(Rect1D(origin, size, out_extent), read_origin.astype(np.int64), read_size)
+
+
+def bounding_box(rects: list[Rect1D], tau: float = 1.0) -> Rect1D:
+    """Union of the rects of several inputs of one element-wise add / channel concat (eq. 20).
+
+    With tau < 1 the box is capped like any other node, keeping its centre.
+    """
+    extent = rects[0].extent
+    if any(r.extent != extent for r in rects):
+        raise ValueError("bounding_box: inputs have different map extents")
+    lo = np.min([r.origin for r in rects], axis=0)
+    hi = np.max([r.origin + r.size for r in rects], axis=0)
+    size = int(min((hi - lo).max(initial=1), extent))
+    capped = cap_size(size, extent, tau)
+    if capped < size:
+        lo = lo + ((hi - lo) - capped) // 2
+        size = capped
+    return Rect1D(shift_inside(lo, size, extent), size, extent)
+
+
+def padded(rect: Rect1D, pad_before: int, out_extent: int) -> Rect1D:
+    """Explicit constant padding only moves the rect: the padded border never changes."""
+    return Rect1D(rect.origin + pad_before, rect.size, out_extent)
+
+
+def grid_shape(height: int, width: int, patch_size: int, stride: int) -> tuple[int, int]:
+    """Heatmap size: every top-left corner (i*stride, j*stride) whose patch lies inside the image."""
+    for name, value in (("patch_size", patch_size), ("stride", stride)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+            raise ValueError(f"{name}={value!r} must be an integer")
+    limit = min(height, width)
+    if not 1 <= patch_size <= limit:
+        raise ValueError(
+            f"patch_size={patch_size} is out of range: allowed 1..{limit} for a {height}x{width} image"
+        )
+    if not 1 <= stride <= limit:
+        raise ValueError(f"stride={stride} is out of range: allowed 1..{limit} for a {height}x{width} image")
+    return (height - patch_size) // stride + 1, (width - patch_size) // stride + 1
+
+
+def grid_origins(height: int, width: int, patch_size: int, stride: int) -> np.ndarray:
+    """Top-left corners of all positions, row-major, as an int64 array [N, 2] of (y, x)."""
+    gh, gw = grid_shape(height, width, patch_size, stride)
+    ys, xs = np.meshgrid(np.arange(gh) * stride, np.arange(gw) * stride, indexing="ij")
+    return np.stack([ys.ravel(), xs.ravel()], axis=1).astype(np.int64)
+
+
+def centre_origin(height: int, width: int, patch_size: int) -> np.ndarray:
+    """The worst-case position used for the theoretical speedup: the patch at the image centre."""
+    return np.array([[(height - patch_size) // 2, (width - patch_size) // 2]], dtype=np.int64)
