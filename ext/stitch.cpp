@@ -175,12 +175,14 @@ void stitch_cpu_kernel(const StitchInputs& in, at::Tensor& out, uint64_t pad_raw
     return;
   }
 
-  // Planar output (NCHW or anything else): each parallel unit is one (b,c) plane, written row
-  // by row so that a contiguous output is written sequentially.
+  // Planar output (NCHW or anything else): each parallel unit is one (b,c) output plane, written
+  // row by row. Units run channel-major (all positions of channel c, then c+1): consecutive units
+  // read the same materialized plane, which then stays in cache; batch-major order re-fetches
+  // C scattered planes per position and was ~2-3x slower on a VGG-sized layer.
   const int64_t grain = std::max<int64_t>(1, kGrainElems / (Hr * Wr));
   at::parallel_for(0, B * C, grain, [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
-      const int64_t b = u / C, c = u - b * C;
+      const int64_t c = u / B, b = u - c * B;
       const int64_t wx = wo[2 * b + 1];
       const T* mplane = M + c * msc + wx * msw;
       const T* pplane = P ? P + b * psb + c * psc + (wx - po[2 * b + 1]) * psw : nullptr;

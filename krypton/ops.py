@@ -90,8 +90,9 @@ if _COMPILED:
         torch._check(patch.dtype == materialized.dtype, lambda: "patch dtype must match materialized")
         C = materialized.shape[-3]
         B = patch.shape[0]
-        return patch.new_empty(
-            (B, C, window_h, window_w), memory_format=_output_memory_format(patch)
+        return torch.empty(
+            (B, C, window_h, window_w), dtype=patch.dtype, device=patch.device,
+            memory_format=_output_memory_format(patch),
         )
 
     @torch.library.register_fake("krypton::stitch_out")
@@ -145,6 +146,8 @@ def _check_reference_inputs(materialized, patch, patch_origin, window_origin, wi
         raise ValueError(f"stitch: materialized must be [C,H,W] or [1,C,H,W], got {tuple(materialized.shape)}")
     if patch.dim() != 4:
         raise ValueError(f"stitch: patch must be [B,C,ph,pw], got {tuple(patch.shape)}")
+    if not materialized.dtype.is_floating_point:
+        raise ValueError(f"stitch: materialized must be a floating tensor, got {materialized.dtype}")
     if patch.dtype != materialized.dtype:
         raise ValueError(f"stitch: patch dtype ({patch.dtype}) must match materialized dtype ({materialized.dtype})")
     if patch.device != materialized.device:
