@@ -111,7 +111,10 @@ def propagate_shapes(capture: Capture, input_shape: tuple[int, ...], dtype: torc
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
         fake = torch.empty(input_shape, dtype=dtype)
-    ShapeProp(capture.gm, mode).propagate(fake)
+    try:
+        ShapeProp(capture.gm, mode).propagate(fake)
+    except Exception as exc:  # noqa: BLE001 - the model rejects this input shape
+        raise ValueError(f"the model cannot run on an input of shape {tuple(input_shape)}: {exc}") from None
     shapes = {}
     for node in capture.nodes:
         meta = node.meta.get("tensor_meta")
