@@ -21,8 +21,6 @@ import krypton.models as km
 from krypton.models import efficientnet_lite as effl
 from krypton.models.inception import Inception3, InceptionOutputs, load_torchvision_state_dict
 
-torch.set_num_threads(2)
-
 BN_SUFFIXES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
