@@ -1,0 +1,118 @@
+"""Per-request peak memory measurement.
+
+GPU: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus what was
+allocated when the request started (the caching allocator's own accounting: exact for tensors).
+
+CPU: there is no allocator-level peak counter for torch's CPU tensors, so we measure the
+process's resident memory, which is what an operator sees and what the OOM killer acts on:
+  1. ``malloc_trim(0)`` (glibc) returns freed heap pages to the OS, so that pages kept by the
+     allocator from earlier requests do not hide this request's allocations;
+  2. writing ``5`` to ``/proc/self/clear_refs`` resets the kernel's peak-RSS counter (VmHWM) to the
+     current RSS (Linux >= 4.0);
+  3. after the work, peak = VmHWM - VmRSS at the start.
+It counts every page first touched during the request by any thread of the worker (torch's
+intra-op threads included), and nothing that was already resident (e.g. the materialized
+activations of a cache hit, the weights). A TorchServe worker runs one batch at a time, and the
+handler measures each request of a batch on its own, so nothing else runs in the process meanwhile.
+Where /proc/self/clear_refs is not writable the fallback is ``getrusage`` ru_maxrss, which cannot
+be reset: it is reported under its own method name and is only an upper bound after the first
+request.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import resource
+from typing import Dict, Optional
+
+_STATUS = "/proc/self/status"
+_CLEAR_REFS = "/proc/self/clear_refs"
+
+CPU_METHOD = ("peak RSS delta: VmHWM (reset by writing 5 to /proc/self/clear_refs, after glibc "
+              "malloc_trim(0)) minus VmRSS at request start")
+CPU_FALLBACK_METHOD = "getrusage ru_maxrss delta (not resettable: upper bound)"
+CUDA_METHOD = "torch.cuda.max_memory_allocated minus memory_allocated at request start"
+
+_libc = None
+
+
+def _malloc_trim() -> None:
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        _libc.malloc_trim(0)
+    except Exception:
+        _libc = False  # not glibc: skip quietly
+
+
+def _status_kb() -> Dict[str, int]:
+    out = {}
+    try:
+        with open(_STATUS) as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    k, v = line.split(":", 1)
+                    out[k] = int(v.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open(_CLEAR_REFS, "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakMemory:
+    """``with PeakMemory(device) as m: ...`` then ``m.peak_bytes`` and ``m.method``."""
+
+    def __init__(self, device=None):
+        self.device = device
+        self.peak_bytes: Optional[int] = None
+        self.method: str = ""
+        self._cuda = False
+        self._base = 0
+
+    def __enter__(self):
+        import torch
+
+        dev = self.device
+        if dev is not None and torch.device(dev).type == "cuda" and torch.cuda.is_available():
+            self._cuda = True
+            self.method = CUDA_METHOD
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            self._base = torch.cuda.memory_allocated(dev)
+            return self
+        _malloc_trim()
+        if _reset_hwm():
+            st = _status_kb()
+            if "VmRSS" in st and "VmHWM" in st:
+                self.method = CPU_METHOD
+                self._base = st["VmRSS"] * 1024
+                return self
+        self.method = CPU_FALLBACK_METHOD
+        self._base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = max(0, int(torch.cuda.max_memory_allocated(self.device)) - self._base)
+        elif self.method == CPU_METHOD:
+            st = _status_kb()
+            self.peak_bytes = max(0, st.get("VmHWM", 0) * 1024 - self._base)
+        else:
+            self.peak_bytes = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self._base)
+        return False
+
+    def to_dict(self) -> Dict[str, object]:
+        return {"measured_peak_bytes": self.peak_bytes, "measured_method": self.method}

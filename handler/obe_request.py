@@ -1,0 +1,603 @@
+"""Request parsing, validation, image decoding and preprocessing for the Krypton handler.
+
+Pure functions and small value classes: nothing here imports TorchServe or the engine, so the
+unit tests exercise all of it without a server. Every client mistake raises ``RequestError``
+(a ``ValueError``) carrying the HTTP status (400 or 413), the parameter at fault and a message
+that names the parameter, the value and the allowed range.
+
+Packed into each .mar next to ``krypton_handler.py`` (TorchServe puts the model dir on sys.path).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import math
+import re
+from dataclasses import dataclass, field, asdict
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+# Never decode half an image silently: a truncated file is a client error.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+HEADER_PREFIX = "x-krypton-"
+IMAGE_FIELD = "data"
+EXPLAIN_OPTIONS = ("patch_size", "stride", "fill", "target", "method", "batch_size", "format", "tau")
+NAMED_FILLS = ("gray", "grey", "black", "mean")
+METHODS = ("incremental", "naive")
+FORMATS = ("json", "png")
+FILL_RANGE = (-1000.0, 1000.0)
+DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+
+
+class RequestError(ValueError):
+    """A client mistake: mapped to HTTP ``status`` with ``message`` in a JSON body."""
+
+    def __init__(self, message: str, status: int = 400, parameter: Optional[str] = None):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.parameter = parameter
+
+    def to_dict(self) -> Dict[str, Any]:
+        body = {"code": self.status, "type": _STATUS_TYPES.get(self.status, "Error"),
+                "message": self.message}
+        if self.parameter is not None:
+            body["parameter"] = self.parameter
+        return body
+
+
+_STATUS_TYPES = {400: "BadRequest", 413: "PayloadTooLarge", 500: "InternalServerError"}
+
+
+# --------------------------------------------------------------------------------------------
+# Settings that come from the archive (model-config.yaml ``handler:`` section)
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 8 * 2**20          # encoded image bytes (TorchServe's max_request_size caps the HTTP body)
+    max_image_pixels: int = 40_000_000       # width * height read from the header, checked before decoding
+    max_positions: int = 6_000               # occlusion positions (heatmap cells) per request
+    max_batch_size: int = 256                # occluded images per engine batch
+    formats: Tuple[str, ...] = DEFAULT_FORMATS  # image formats PIL may open
+
+
+@dataclass
+class Preprocess:
+    resize: Optional[int] = 256              # shorter side, torchvision Resize(int) semantics; None: keep
+    crop: Optional[int] = 224                # centre crop side, torchvision CenterCrop; None: no crop
+    mean: Tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: Tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Defaults:
+    patch_size: int = 16
+    stride: int = 4
+    fill: Any = "gray"
+    method: str = "incremental"
+    format: str = "json"
+
+
+@dataclass
+class Settings:
+    arch: Optional[str] = None
+    weights: Optional[str] = None            # a label; None: inferred from the manifest
+    seed: int = 0                            # used for an explicit random init (no weights file)
+    cache_bytes: int = 512 * 2**20           # LRU of materialized activations per worker
+    memory_budget: Optional[int] = None      # engine memory budget (bytes) for choosing batch size
+    threads: Optional[int] = None            # torch intra-op threads per worker; None: torch default
+    allow_mode_conversion: bool = False      # convert gray / RGBA / 16-bit / CMYK to 8-bit RGB
+    topk: int = 5
+    preprocess: Preprocess = field(default_factory=Preprocess)
+    limits: Limits = field(default_factory=Limits)
+    defaults: Defaults = field(default_factory=Defaults)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def _config_error(path: str, value: Any, expected: str) -> ValueError:
+    return ValueError(f"model-config.yaml handler.{path}: {value!r} is invalid, expected {expected}")
+
+
+def _cfg_int(path: str, value: Any, lo: int, hi: Optional[int] = None, allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        rng = f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer >= {lo}"
+        raise _config_error(path, value, rng + (" or null" if allow_none else ""))
+    return value
+
+
+def _cfg_triple(path: str, value: Any, positive: bool) -> Tuple[float, float, float]:
+    if (not isinstance(value, (list, tuple)) or len(value) != 3
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            or (positive and not all(v > 0 for v in value))):
+        raise _config_error(path, value, "a list of 3 numbers" + (" > 0" if positive else ""))
+    return tuple(float(v) for v in value)
+
+
+def settings_from_config(handler_cfg: Optional[Mapping[str, Any]]) -> Settings:
+    """Validate the ``handler:`` section of model-config.yaml; typos fail at model load."""
+    cfg = dict(handler_cfg or {})
+    s = Settings()
+    known = set(Settings.__dataclass_fields__)
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ValueError(f"model-config.yaml handler: unknown keys {unknown}; allowed: {sorted(known)}")
+    if "arch" in cfg:
+        s.arch = None if cfg["arch"] is None else str(cfg["arch"])
+    if "weights" in cfg:
+        s.weights = None if cfg["weights"] is None else str(cfg["weights"])
+    if "seed" in cfg:
+        s.seed = _cfg_int("seed", cfg["seed"], 0)
+    if "cache_bytes" in cfg:
+        s.cache_bytes = _cfg_int("cache_bytes", cfg["cache_bytes"], 0)
+    if "memory_budget" in cfg:
+        s.memory_budget = _cfg_int("memory_budget", cfg["memory_budget"], 1, allow_none=True)
+    if "threads" in cfg:
+        s.threads = _cfg_int("threads", cfg["threads"], 1, 1024, allow_none=True)
+    if "allow_mode_conversion" in cfg:
+        if not isinstance(cfg["allow_mode_conversion"], bool):
+            raise _config_error("allow_mode_conversion", cfg["allow_mode_conversion"], "true or false")
+        s.allow_mode_conversion = cfg["allow_mode_conversion"]
+    if "topk" in cfg:
+        s.topk = _cfg_int("topk", cfg["topk"], 1, 1000)
+
+    pre = dict(cfg.get("preprocess") or {})
+    bad = sorted(set(pre) - set(Preprocess.__dataclass_fields__))
+    if bad:
+        raise ValueError(f"model-config.yaml handler.preprocess: unknown keys {bad}")
+    p = Preprocess()
+    if "resize" in pre:
+        p.resize = _cfg_int("preprocess.resize", pre["resize"], 1, 8192, allow_none=True)
+    if "crop" in pre:
+        p.crop = _cfg_int("preprocess.crop", pre["crop"], 1, 8192, allow_none=True)
+    if "mean" in pre:
+        p.mean = _cfg_triple("preprocess.mean", pre["mean"], positive=False)
+    if "std" in pre:
+        p.std = _cfg_triple("preprocess.std", pre["std"], positive=True)
+    s.preprocess = p
+
+    lim = dict(cfg.get("limits") or {})
+    bad = sorted(set(lim) - set(Limits.__dataclass_fields__))
+    if bad:
+        raise ValueError(f"model-config.yaml handler.limits: unknown keys {bad}")
+    L = Limits()
+    if "max_body_bytes" in lim:
+        L.max_body_bytes = _cfg_int("limits.max_body_bytes", lim["max_body_bytes"], 1)
+    if "max_image_pixels" in lim:
+        L.max_image_pixels = _cfg_int("limits.max_image_pixels", lim["max_image_pixels"], 1)
+    if "max_positions" in lim:
+        L.max_positions = _cfg_int("limits.max_positions", lim["max_positions"], 1)
+    if "max_batch_size" in lim:
+        L.max_batch_size = _cfg_int("limits.max_batch_size", lim["max_batch_size"], 1)
+    if "formats" in lim:
+        if not isinstance(lim["formats"], (list, tuple)) or not lim["formats"]:
+            raise _config_error("limits.formats", lim["formats"], "a non-empty list of PIL format names")
+        L.formats = tuple(str(f).upper() for f in lim["formats"])
+    s.limits = L
+
+    d = dict(cfg.get("defaults") or {})
+    bad = sorted(set(d) - set(Defaults.__dataclass_fields__))
+    if bad:
+        raise ValueError(f"model-config.yaml handler.defaults: unknown keys {bad}")
+    D = Defaults()
+    try:
+        if "patch_size" in d:
+            D.patch_size = parse_int("patch_size", d["patch_size"], 1, None)
+        if "stride" in d:
+            D.stride = parse_int("stride", d["stride"], 1, None)
+        if "fill" in d:
+            D.fill = parse_fill(d["fill"])
+        if "method" in d:
+            D.method = parse_choice("method", d["method"], METHODS)
+        if "format" in d:
+            D.format = parse_choice("format", d["format"], FORMATS)
+    except RequestError as e:
+        raise ValueError(f"model-config.yaml handler.defaults: {e.message}") from None
+    s.defaults = D
+    return s
+
+
+# --------------------------------------------------------------------------------------------
+# Option parsing: values arrive as JSON types, or as text (headers, multipart fields)
+# --------------------------------------------------------------------------------------------
+
+def _text(name: str, value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise RequestError(f"option {name}: value is not UTF-8 text", parameter=name) from None
+    if isinstance(value, str):
+        return value.strip()
+    return value
+
+
+_INT_RE = re.compile(r"^[+-]?\d{1,12}$")
+_NUM_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _range_text(lo: int, hi: Optional[int]) -> str:
+    return f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer >= {lo}"
+
+
+def parse_int(name: str, value: Any, lo: int, hi: Optional[int]) -> int:
+    v = _text(name, value)
+    if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, str) and _INT_RE.match(v))):
+        raise RequestError(f"option {name}: {value!r} is not an integer; allowed: {_range_text(lo, hi)}",
+                           parameter=name)
+    n = int(v)
+    if n < lo or (hi is not None and n > hi):
+        raise RequestError(f"option {name}: {n} is out of range; allowed: {_range_text(lo, hi)}",
+                           parameter=name)
+    return n
+
+
+def parse_float(name: str, value: Any, lo: float, hi: float, lo_open: bool = False) -> float:
+    v = _text(name, value)
+    rng = f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
+    if isinstance(v, str) and _NUM_RE.match(v):
+        v = float(v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise RequestError(f"option {name}: {value!r} is not a number; allowed: {rng}", parameter=name)
+    f = float(v)
+    if not math.isfinite(f) or f > hi or f < lo or (lo_open and f == lo):
+        raise RequestError(f"option {name}: {value!r} is out of range; allowed: {rng}", parameter=name)
+    return f
+
+
+def parse_choice(name: str, value: Any, choices: Tuple[str, ...]) -> str:
+    v = _text(name, value)
+    if not isinstance(v, str) or v.lower() not in choices:
+        raise RequestError(f"option {name}: {value!r} is not allowed; allowed: {' | '.join(choices)}",
+                           parameter=name)
+    return v.lower()
+
+
+def parse_fill(value: Any):
+    v = _text("fill", value)
+    allowed = (f"{' | '.join(NAMED_FILLS)} or a finite number in [{FILL_RANGE[0]:g}, {FILL_RANGE[1]:g}] "
+               "(written as-is into the normalized input)")
+    if isinstance(v, str) and v.lower() in NAMED_FILLS:
+        return v.lower()
+    if isinstance(v, str) and _NUM_RE.match(v):
+        v = float(v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise RequestError(f"option fill: {value!r} is not allowed; allowed: {allowed}", parameter="fill")
+    f = float(v)
+    if not math.isfinite(f) or not FILL_RANGE[0] <= f <= FILL_RANGE[1]:
+        raise RequestError(f"option fill: {value!r} is out of range; allowed: {allowed}", parameter="fill")
+    return f
+
+
+@dataclass
+class Options:
+    patch_size: int
+    stride: int
+    fill: Any
+    target: Optional[int]
+    method: str
+    batch_size: Optional[int]
+    format: str
+    tau: float = 1.0
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def parse_options(raw: Mapping[str, Any], settings: Settings, num_classes: Optional[int]) -> Options:
+    """Turn raw option values (already checked for unknown names) into typed, range-checked Options."""
+    d = settings.defaults
+    lim = settings.limits
+    unknown = sorted(set(raw) - set(EXPLAIN_OPTIONS))
+    if unknown:
+        raise RequestError(f"unknown option(s) {unknown}; allowed: {list(EXPLAIN_OPTIONS)}",
+                           parameter=unknown[0])
+
+    def present(k):
+        return k in raw and raw[k] is not None and _text(k, raw[k]) != ""
+
+    patch = parse_int("patch_size", raw["patch_size"], 1, None) if present("patch_size") else d.patch_size
+    stride = parse_int("stride", raw["stride"], 1, None) if present("stride") else d.stride
+    fill = parse_fill(raw["fill"]) if present("fill") else d.fill
+    method = parse_choice("method", raw["method"], METHODS) if present("method") else d.method
+    fmt = parse_choice("format", raw["format"], FORMATS) if present("format") else d.format
+    target = None
+    if present("target"):
+        hi = None if num_classes is None else num_classes - 1
+        target = parse_int("target", raw["target"], 0, hi)
+    batch = None
+    if present("batch_size") and str(_text("batch_size", raw["batch_size"])).lower() != "auto":
+        batch = parse_int("batch_size", raw["batch_size"], 1, lim.max_batch_size)
+    tau = 1.0
+    if present("tau"):
+        tau = parse_float("tau", raw["tau"], 0.0, 1.0, lo_open=True)
+        if tau < 1.0 and method != "incremental":
+            raise RequestError(f"option tau: {tau:g} < 1 approximates the incremental method; "
+                               f"use method=incremental (got method={method})", parameter="tau")
+    return Options(patch, stride, fill, target, method, batch, fmt, tau)
+
+
+# --------------------------------------------------------------------------------------------
+# Request shapes -> (image bytes, raw options)
+# --------------------------------------------------------------------------------------------
+
+def _header_options(headers: Mapping[str, Any]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for key, value in (headers or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            continue  # per-part content types of multipart bodies are dicts
+        k = key.lower()
+        if k.startswith(HEADER_PREFIX):
+            out[k[len(HEADER_PREFIX):].replace("-", "_")] = value
+    return out
+
+
+def _b64(value: Any, where: str) -> bytes:
+    if isinstance(value, dict) and set(value) == {"b64"}:
+        value = value["b64"]
+    if not isinstance(value, str):
+        raise RequestError(f"{where}: expected a base64 string, got {type(value).__name__}", parameter=IMAGE_FIELD)
+    s = value.strip()
+    if s.startswith("data:") and "," in s:  # a data: URL
+        s = s.split(",", 1)[1]
+    try:
+        return base64.b64decode(s, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(f"{where}: not valid base64", parameter=IMAGE_FIELD) from None
+
+
+def _from_json(body: Any) -> Tuple[bytes, Dict[str, Any], str]:
+    if not isinstance(body, dict):
+        raise RequestError(f"JSON body must be an object like {{\"data\": \"<base64 image>\", \"stride\": 8}}, "
+                           f"got a {type(body).__name__}")
+    body = dict(body)
+    if "instances" in body:  # KServe v1: {"instances": [{"data": "<b64>", ...options}]}
+        inst = body.pop("instances")
+        if body:
+            raise RequestError(f"KServe v1 body: unexpected top-level keys {sorted(body)}; "
+                               "put options inside the instance", parameter=sorted(body)[0])
+        if not isinstance(inst, list) or len(inst) != 1 or not isinstance(inst[0], dict):
+            raise RequestError("KServe v1 body: 'instances' must be a list of exactly 1 object "
+                               "(one image per request)", parameter="instances")
+        body = dict(inst[0])
+        kind = "kserve-v1"
+    elif "inputs" in body:  # KServe v2: {"inputs": [{"name": "data", "datatype": "BYTES", "data": ["<b64>"]}]}
+        inputs = body.pop("inputs")
+        params = body.pop("parameters", {}) or {}
+        body.pop("id", None)
+        if body:
+            raise RequestError(f"KServe v2 body: unexpected top-level keys {sorted(body)}; "
+                               "options go in 'parameters'", parameter=sorted(body)[0])
+        if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+            raise RequestError("KServe v2 body: 'inputs' must be a list of exactly 1 input tensor "
+                               "(one image per request)", parameter="inputs")
+        tensor = inputs[0]
+        data = tensor.get("data")
+        if isinstance(data, list) and len(data) == 1:
+            data = data[0]
+        if not isinstance(params, dict) or not isinstance(tensor.get("parameters", {}) or {}, dict):
+            raise RequestError("KServe v2 body: 'parameters' must be an object", parameter="parameters")
+        opts = dict(params)
+        opts.update(tensor.get("parameters", {}) or {})
+        opts.pop("content_type", None)
+        return _b64(data, "KServe v2 inputs[0].data"), opts, "kserve-v2"
+    else:
+        kind = "json"
+    if IMAGE_FIELD not in body:
+        raise RequestError("JSON body has no 'data' field: send {\"data\": \"<base64 image>\", ...options}",
+                           parameter=IMAGE_FIELD)
+    image = _b64(body.pop(IMAGE_FIELD), f"JSON field '{IMAGE_FIELD}'")
+    return image, body, kind
+
+
+def extract(payload: Mapping[str, Any], headers: Mapping[str, Any]) -> Tuple[bytes, Dict[str, Any], str]:
+    """Split one TorchServe request into (encoded image bytes, raw options, request kind).
+
+    Shapes (checked against TorchServe 0.12): raw body -> {"body": bytearray}; JSON with
+    Content-Type application/json -> {"body": dict|list} (bytearray when it failed to parse);
+    text/* -> {"body": str}; multipart -> {"data": bytes, "<field>": bytes, ...};
+    form-urlencoded -> {"<field>": bytes} with no image at all.
+    """
+    if not isinstance(payload, Mapping):
+        raise RequestError("unrecognized request payload")
+    header_opts = _header_options(headers)
+    content_type = ""
+    for k, v in (headers or {}).items():
+        if isinstance(k, str) and k.lower() == "content-type" and isinstance(v, str):
+            content_type = v.lower()
+
+    if "body" in payload:
+        extra = sorted(set(payload) - {"body"})
+        if extra:
+            raise RequestError(f"unexpected form field(s) {extra} next to a body", parameter=extra[0])
+        body = payload["body"]
+        if isinstance(body, (dict, list)):
+            image, opts, kind = _from_json(body)
+        elif isinstance(body, str):
+            raise RequestError(f"the body arrived as text (Content-Type {content_type or 'text/*'}): "
+                               "send the image as binary, e.g. curl -T cat.jpg or "
+                               "--data-binary @cat.jpg -H 'Content-Type: image/jpeg'")
+        elif isinstance(body, (bytes, bytearray)):
+            raw = bytes(body)
+            if "json" in content_type:
+                try:
+                    parsed = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, ValueError) as e:
+                    raise RequestError(f"Content-Type is {content_type} but the body is not valid JSON: {e}") from None
+                image, opts, kind = _from_json(parsed)
+            else:
+                image, opts, kind = raw, {}, "raw"
+        else:
+            raise RequestError(f"unrecognized body of type {type(body).__name__}")
+    elif IMAGE_FIELD in payload:
+        image = payload[IMAGE_FIELD]
+        if isinstance(image, str):
+            raise RequestError(f"multipart field '{IMAGE_FIELD}' arrived as text: attach the file "
+                               f"with -F {IMAGE_FIELD}=@cat.jpg", parameter=IMAGE_FIELD)
+        if not isinstance(image, (bytes, bytearray)):
+            raise RequestError(f"multipart field '{IMAGE_FIELD}' is not a file", parameter=IMAGE_FIELD)
+        image = bytes(image)
+        opts = {k: v for k, v in payload.items() if k != IMAGE_FIELD}
+        kind = "multipart"
+    else:
+        fields = sorted(payload)
+        how = ("a form-urlencoded body (the default of curl -d and urllib) carries no image"
+               if "x-www-form-urlencoded" in content_type else "no image in the request")
+        raise RequestError(f"{how}; fields seen: {fields}. Send the image as the raw body "
+                           f"(curl -T cat.jpg), as multipart field '{IMAGE_FIELD}' (-F {IMAGE_FIELD}=@cat.jpg) "
+                           f"or as JSON {{\"{IMAGE_FIELD}\": \"<base64>\"}} with Content-Type application/json",
+                           parameter=IMAGE_FIELD)
+
+    # Options: body/form fields and X-Krypton-* headers; the same option twice must agree.
+    merged: Dict[str, Any] = dict(header_opts)
+    for k, v in opts.items():
+        if k in merged and str(_text(k, merged[k])).lower() != str(_text(k, v)).lower():
+            raise RequestError(f"option {k} given twice with different values: header "
+                               f"{merged[k]!r} and body {_text(k, v)!r}", parameter=k)
+        merged[k] = v
+    return image, merged, kind
+
+
+# --------------------------------------------------------------------------------------------
+# Image decoding with limits, then model preprocessing
+# --------------------------------------------------------------------------------------------
+
+def _rawmodes(im: Image.Image) -> List[str]:
+    modes = []
+    for t in getattr(im, "tile", None) or []:
+        args = t[3] if len(t) > 3 else None
+        if isinstance(args, tuple):
+            args = args[0] if args else None
+        if isinstance(args, str):
+            modes.append(args)
+    return modes
+
+
+def _describe_mode(im: Image.Image, sixteen: bool) -> Optional[str]:
+    """None for plain 8-bit RGB; otherwise a description of what is wrong with the pixel format."""
+    mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        return f"16/32-bit grayscale (PIL mode {mode})"
+    if mode == "F":
+        return "32-bit float grayscale (PIL mode F)"
+    if sixteen:
+        return f"16 bits per channel (PIL mode {mode}, raw {'/'.join(_rawmodes(im))})"
+    if mode == "RGB":
+        return None
+    if mode in ("L", "1"):
+        return f"grayscale (PIL mode {mode})"
+    if mode in ("LA", "La", "RGBA", "RGBa", "PA"):
+        return f"with an alpha channel (PIL mode {mode})"
+    if mode == "P":
+        if "transparency" in im.info:
+            return "palette with transparency (PIL mode P)"
+        return None  # an 8-bit colour palette converts to RGB losslessly
+    return f"PIL mode {mode}"
+
+
+def decode_image(data: bytes, limits: Limits, allow_conversion: bool = False) -> Image.Image:
+    """Decode to an 8-bit RGB PIL image, checking size limits before any pixel is decoded."""
+    if data is None or len(data) == 0:
+        raise RequestError("empty body: no image bytes were sent", parameter=IMAGE_FIELD)
+    if len(data) > limits.max_body_bytes:
+        raise RequestError(f"image is {len(data)} bytes; limit max_body_bytes={limits.max_body_bytes}",
+                           status=413, parameter=IMAGE_FIELD)
+    try:
+        im = Image.open(io.BytesIO(data), formats=list(limits.formats))
+    except Image.DecompressionBombError as e:
+        raise RequestError(f"image dimensions are too large (decompression bomb protection): {e}",
+                           status=413, parameter=IMAGE_FIELD) from None
+    except Image.UnidentifiedImageError:
+        raise RequestError(f"not an image: the {len(data)} bytes sent are not a readable "
+                           f"{'/'.join(limits.formats)} file", parameter=IMAGE_FIELD) from None
+    except Exception as e:  # corrupt headers raise assorted errors inside PIL plugins
+        raise RequestError(f"truncated or corrupt image (header unreadable): {type(e).__name__}: {e}",
+                           parameter=IMAGE_FIELD) from None
+    w, h = im.size
+    if w <= 0 or h <= 0:
+        raise RequestError(f"image has empty dimensions {w}x{h}", parameter=IMAGE_FIELD)
+    if w * h > limits.max_image_pixels:
+        raise RequestError(f"image is {w}x{h} = {w * h} pixels; limit max_image_pixels="
+                           f"{limits.max_image_pixels} (checked before decoding: decompression bomb "
+                           "protection)", status=413, parameter=IMAGE_FIELD)
+    sixteen = any("16" in m for m in _rawmodes(im)) and im.mode not in ("I;16", "I;16B", "I;16L", "I;16N")
+    problem = _describe_mode(im, sixteen)
+    if problem is not None and not allow_conversion:
+        raise RequestError(f"image pixel format not accepted: {problem}; send an 8-bit RGB image "
+                           "(e.g. PIL: Image.open(f).convert('RGB').save('rgb.jpg'))",
+                           parameter=IMAGE_FIELD)
+    try:
+        im.load()
+    except Image.DecompressionBombError as e:
+        raise RequestError(f"image too large (decompression bomb protection): {e}", status=413,
+                           parameter=IMAGE_FIELD) from None
+    except Exception as e:  # OSError "image file is truncated", SyntaxError, ValueError, zlib errors
+        raise RequestError(f"truncated or corrupt image ({im.format}): {type(e).__name__}: {e}",
+                           parameter=IMAGE_FIELD) from None
+    try:
+        im = ImageOps.exif_transpose(im)
+    except Exception:
+        pass  # a broken EXIF block is not worth refusing the image for
+    return _to_rgb(im)
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        a8 = np.clip(np.rint(a / top * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.stack([a8] * 3, axis=-1), "RGB")
+    if im.mode == "F":
+        a8 = np.clip(np.rint(np.asarray(im, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.stack([a8] * 3, axis=-1), "RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")  # as shown on a white page
+    return im.convert("RGB")
+
+
+def resized_size(w: int, h: int, size: int) -> Tuple[int, int]:
+    """torchvision Resize(int): the shorter side becomes ``size``, the longer keeps the aspect."""
+    if w <= h:
+        return size, int(size * h / w)
+    return int(size * w / h), size
+
+
+def preprocess(im: Image.Image, pre: Preprocess):
+    """PIL RGB -> (float32 tensor (3, H, W) normalized, uint8 array (H, W, 3) of the same view).
+
+    Same arithmetic as torchvision Resize(int, BILINEAR) + CenterCrop + ToTensor + Normalize on a
+    PIL image, without needing torchvision.
+    """
+    import torch
+
+    if pre.resize is not None:
+        nw, nh = resized_size(im.width, im.height, pre.resize)
+        if (nw, nh) != im.size:
+            im = im.resize((nw, nh), Image.BILINEAR)
+    if pre.crop is not None:
+        c = pre.crop
+        if im.width < c or im.height < c:
+            raise RequestError(f"image is {im.width}x{im.height} after resizing, smaller than the "
+                               f"model's input crop {c}x{c}", parameter=IMAGE_FIELD)
+        top = int(round((im.height - c) / 2.0))
+        left = int(round((im.width - c) / 2.0))
+        im = im.crop((left, top, left + c, top + c))
+    view = np.asarray(im, dtype=np.uint8).copy()
+    x = torch.from_numpy(view).permute(2, 0, 1).to(torch.float32).div_(255.0)
+    mean = torch.tensor(pre.mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(pre.std, dtype=torch.float32).view(3, 1, 1)
+    return ((x - mean) / std).contiguous(), view

@@ -1,0 +1,418 @@
+"""Handler layer without a server: request parsing, validation, decoding limits, rendering,
+memory measurement, the shipped configs, and KryptonHandler.handle() on a fake TorchServe context."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "handler"))
+sys.path.insert(0, os.path.join(REPO, "tests"))
+
+import obe_memory  # noqa: E402
+import obe_render  # noqa: E402
+import obe_request as rq  # noqa: E402
+from obe_request import RequestError  # noqa: E402
+from server_utils import (TINY_MODEL, bomb_png, image_bytes, png16_rgb, png_raw,  # noqa: E402
+                          tiny_model_class)
+
+SETTINGS = rq.Settings()
+
+
+def err(fn, *a, **k) -> RequestError:
+    with pytest.raises(RequestError) as ei:
+        fn(*a, **k)
+    return ei.value
+
+
+# ------------------------------------------------------------------------------- extract()
+def test_extract_raw_body_and_header_options():
+    img, opts, kind = rq.extract({"body": bytearray(b"\xff\xd8abc")},
+                                 {"X-Krypton-Patch-Size": "8", "x-krypton-stride": "2", "Accept": "*/*",
+                                  "body": {"content-type": ""}})
+    assert img == b"\xff\xd8abc" and kind == "raw"
+    assert opts == {"patch_size": "8", "stride": "2"}
+
+
+def test_extract_json_base64_with_options():
+    b64 = base64.b64encode(b"IMG").decode()
+    img, opts, kind = rq.extract({"body": {"data": b64, "stride": 3, "fill": "black"}},
+                                 {"Content-Type": "application/json"})
+    assert (img, opts, kind) == (b"IMG", {"stride": 3, "fill": "black"}, "json")
+    img, _, _ = rq.extract({"body": {"data": "data:image/png;base64," + b64}}, {})
+    assert img == b"IMG"
+
+
+def test_extract_multipart_fields():
+    img, opts, kind = rq.extract({"data": bytearray(b"IMG"), "patch_size": bytearray(b"8")}, {})
+    assert (img, opts, kind) == (b"IMG", {"patch_size": bytearray(b"8")}, "multipart")
+
+
+def test_extract_kserve_v1_and_v2():
+    b64 = base64.b64encode(b"IMG").decode()
+    img, opts, kind = rq.extract({"body": {"instances": [{"data": b64, "stride": 8}]}}, {})
+    assert (img, opts, kind) == (b"IMG", {"stride": 8}, "kserve-v1")
+    img, opts, kind = rq.extract({"body": {"inputs": [{"name": "data", "datatype": "BYTES", "shape": [1],
+                                                       "data": [b64]}], "parameters": {"stride": 8}}}, {})
+    assert (img, opts, kind) == (b"IMG", {"stride": 8}, "kserve-v2")
+    e = err(rq.extract, {"body": {"instances": [{"data": b64}, {"data": b64}]}}, {})
+    assert "exactly 1" in e.message
+
+
+@pytest.mark.parametrize("payload,headers,needle", [
+    ({"body": [1, 2]}, {}, "JSON body must be an object"),
+    ({"body": {"stride": 2}}, {}, "no 'data' field"),
+    ({"body": {"data": "%%%not base64"}}, {}, "not valid base64"),
+    ({"body": {"data": 12}}, {}, "expected a base64 string"),
+    ({"body": bytearray(b"{bad")}, {"Content-Type": "application/json"}, "not valid JSON"),
+    ({"body": "some text"}, {"Content-Type": "text/plain"}, "arrived as text"),
+    ({}, {"Content-Type": "application/x-www-form-urlencoded"}, "form-urlencoded"),
+    ({"patch_size": bytearray(b"8")}, {}, "no image in the request"),
+    ({"data": "text"}, {}, "arrived as text"),
+])
+def test_extract_rejects(payload, headers, needle):
+    e = err(rq.extract, payload, headers)
+    assert e.status == 400 and needle in e.message
+
+
+def test_extract_conflicting_option_sources():
+    e = err(rq.extract, {"data": b"IMG", "stride": b"4"}, {"X-Krypton-Stride": "8"})
+    assert e.parameter == "stride" and "twice" in e.message
+    _, opts, _ = rq.extract({"data": b"IMG", "stride": b"8"}, {"X-Krypton-Stride": "8"})
+    assert rq.parse_options(opts, SETTINGS, 10).stride == 8
+
+
+# ------------------------------------------------------------------------------- options
+def test_options_defaults_and_types():
+    o = rq.parse_options({}, SETTINGS, 1000)
+    assert (o.patch_size, o.stride, o.fill, o.target, o.method, o.batch_size, o.format, o.tau) == \
+        (16, 4, "gray", None, "incremental", None, "json", 1.0)
+    o = rq.parse_options({"patch_size": "8", "stride": b"2", "fill": "0.25", "target": 7, "method": "NAIVE",
+                          "batch_size": "32", "format": "png"}, SETTINGS, 10)
+    assert (o.patch_size, o.stride, o.fill, o.target, o.method, o.batch_size, o.format) == \
+        (8, 2, 0.25, 7, "naive", 32, "png")
+    assert rq.parse_options({"batch_size": "auto", "fill": "Mean", "tau": "0.5"}, SETTINGS, 10).tau == 0.5
+
+
+@pytest.mark.parametrize("raw,param,needle", [
+    ({"stride": "abc"}, "stride", "not an integer"),
+    ({"stride": 2.5}, "stride", "not an integer"),
+    ({"stride": True}, "stride", "not an integer"),
+    ({"stride": 0}, "stride", "out of range"),
+    ({"patch_size": -3}, "patch_size", "out of range"),
+    ({"target": 10}, "target", "[0, 9]"),
+    ({"target": "x"}, "target", "not an integer"),
+    ({"batch_size": 100000}, "batch_size", "[1, 256]"),
+    ({"method": "fast"}, "method", "incremental | naive"),
+    ({"format": "gif"}, "format", "json | png"),
+    ({"fill": "purple"}, "fill", "gray"),
+    ({"fill": "nan"}, "fill", "not allowed"),
+    ({"fill": 1e9}, "fill", "out of range"),
+    ({"tau": 0}, "tau", "(0, 1]"),
+    ({"tau": 0.5, "method": "naive"}, "tau", "method=incremental"),
+    ({"colour": "red"}, "colour", "unknown option"),
+])
+def test_options_rejected(raw, param, needle):
+    e = err(rq.parse_options, raw, SETTINGS, 10)
+    assert e.status == 400 and e.parameter == param and needle in e.message, e.message
+
+
+# ------------------------------------------------------------------------------- images
+def test_decode_valid_formats():
+    for fmt in ("JPEG", "PNG", "WEBP", "BMP"):
+        im = rq.decode_image(image_bytes(30, 20, fmt), SETTINGS.limits)
+        assert im.mode == "RGB" and im.size == (30, 20)
+    pal = image_bytes(30, 20, "PNG", mode="P")  # 8-bit colour palette: lossless to RGB
+    assert rq.decode_image(pal, SETTINGS.limits).mode == "RGB"
+
+
+@pytest.mark.parametrize("data,status,needle", [
+    (b"", 400, "empty body"),
+    (b"hello, I am not an image", 400, "not an image"),
+    (image_bytes(64, 64, "JPEG")[:400], 400, "truncated"),
+    (image_bytes(64, 64, "PNG")[:-40], 400, "truncated"),
+    (bomb_png(), 413, "decompression bomb"),
+    (bomb_png(7000), 413, "max_image_pixels"),
+    (image_bytes(30, 20, "PNG", mode="L"), 400, "grayscale"),
+    (image_bytes(30, 20, "PNG", mode="RGBA"), 400, "alpha"),
+    (image_bytes(30, 20, "PNG", mode="I;16"), 400, "16"),
+    (png16_rgb(), 400, "16 bits per channel"),
+    (image_bytes(30, 20, "JPEG", mode="CMYK"), 400, "CMYK"),
+])
+def test_decode_rejects(data, status, needle):
+    e = err(rq.decode_image, data, SETTINGS.limits)
+    assert e.status == status and needle in e.message, e.message
+
+
+def test_decode_body_limit_and_conversion_opt_in():
+    lim = rq.Limits(max_body_bytes=100)
+    assert err(rq.decode_image, image_bytes(64, 64, "PNG"), lim).status == 413
+    for data in (image_bytes(30, 20, "PNG", mode="L"), image_bytes(30, 20, "PNG", mode="RGBA"),
+                 image_bytes(30, 20, "PNG", mode="I;16"), png16_rgb(30, 20)):
+        im = rq.decode_image(data, SETTINGS.limits, allow_conversion=True)
+        assert im.mode == "RGB"
+    gray16 = png_raw(2, 1, 16, 0, b"\x00" + np.array([65535, 32896], ">u2").tobytes())
+    arr = np.asarray(rq.decode_image(gray16, SETTINGS.limits, allow_conversion=True))
+    assert arr[0, 0].tolist() == [255, 255, 255] and arr[0, 1].tolist() == [128, 128, 128]
+
+
+def test_preprocess_resize_crop_normalize():
+    im = Image.new("RGB", (400, 300), (255, 0, 128))
+    x, view = rq.preprocess(im, rq.Preprocess(resize=256, crop=224))
+    assert rq.resized_size(400, 300, 256) == (341, 256)
+    assert x.shape == (3, 224, 224) and x.dtype == torch.float32 and view.shape == (224, 224, 3)
+    want = (torch.tensor([1.0, 0.0, 128 / 255]) - torch.tensor([0.485, 0.456, 0.406])) / \
+        torch.tensor([0.229, 0.224, 0.225])
+    assert torch.allclose(x[:, 100, 100], want, atol=1e-6)
+    # centre crop: a marker at the centre of the original lands at the centre of the crop
+    a = np.zeros((300, 400, 3), np.uint8)
+    a[140:160, 190:210] = 255
+    _, v = rq.preprocess(Image.fromarray(a), rq.Preprocess(resize=None, crop=200))
+    assert v[100, 100].tolist() == [255, 255, 255] and v[0, 0].tolist() == [0, 0, 0]
+    e = err(rq.preprocess, Image.new("RGB", (50, 50)), rq.Preprocess(resize=None, crop=64))
+    assert "smaller than" in e.message
+
+
+# ------------------------------------------------------------------------------- render
+def test_jet_r_matches_matplotlib():
+    mpl = pytest.importorskip("matplotlib")
+    lut = mpl.colormaps["jet_r"]
+    x = (np.arange(256) + 0.5) / 256  # centres of matplotlib's 256 LUT bins
+    ours = obe_render.jet_r(x)
+    theirs = lut(x)[:, :3]
+    assert np.abs(ours - theirs).max() < 0.01
+
+
+def test_clip_and_overlay_geometry():
+    lo, hi = obe_render.clip_range(0.8)
+    assert (lo, hi) == pytest.approx((0.6, 1.0))
+    assert obe_render.clip_range(0.4) == pytest.approx((0.3, 0.5))
+    s = obe_render.scaled(np.array([0.0, 0.3, 0.4, 0.5, 0.9]), 0.4)
+    assert s.tolist() == pytest.approx([0.0, 0.0, 0.5, 1.0, 1.0])
+    # strong drop -> red, no change -> blue
+    assert obe_render.jet_r(np.array([0.0]))[0].argmax() == 0
+    assert obe_render.jet_r(np.array([1.0]))[0].argmax() == 2
+    idx = obe_render.cell_index(32, 13, 8, 2)  # patch centres at 4, 6, ..., 28
+    assert idx[0] == 0 and idx[4] == 0 and idx[6] == 1 and idx[28] == 12 and idx[31] == 12
+    view = np.full((32, 32, 3), 128, np.uint8)
+    hm = np.full((13, 13), 0.5)  # no drop (>= 1.25 p): blue
+    hm[6, 6] = 0.0
+    png = obe_render.overlay_png(view, hm, 0.4, 8, 2)
+    im = Image.open(io.BytesIO(png))
+    assert im.format == "PNG" and im.size == (32, 32) and im.mode == "RGB"
+    a = np.asarray(im).astype(int)
+    assert a[16, 16, 0] > a[16, 16, 2] and a[0, 0, 2] > a[0, 0, 0]  # red at the drop, blue elsewhere
+
+
+# ------------------------------------------------------------------------------- memory
+def test_peak_memory_counts_request_allocations():
+    with obe_memory.PeakMemory("cpu") as pm:
+        t = torch.ones(25_000_000)  # 100 MB, touched
+        del t
+    assert pm.method == obe_memory.CPU_METHOD
+    assert 90e6 < pm.peak_bytes < 400e6
+    with obe_memory.PeakMemory("cpu") as pm2:
+        torch.ones(10)
+    assert pm2.peak_bytes < 60e6  # the earlier 100 MB are not counted again
+
+
+# ------------------------------------------------------------------------------- shipped config
+def test_config_properties_is_local_only_and_loads_the_archives():
+    props = {}
+    with open(os.path.join(REPO, "config.properties")) as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                k, v = line.split("=", 1)
+                props[k] = v
+    for k in ("inference_address", "management_address", "metrics_address"):
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+", props[k]), k
+    assert props["grpc_inference_address"] == props["grpc_management_address"] == "127.0.0.1"
+    assert props["enable_model_api"] == "false"
+    assert props["disable_token_authorization"] in ("true", "false")
+    assert props["model_store"] == "model_store"
+    assert props["model_metrics_auto_detect"] == "true"
+    loaded = sorted(m.replace(".mar", "") for m in props["load_models"].split(","))
+    assert loaded == sorted(["vgg16", "resnet18", "inception_v3", "efficientnet_lite0"])
+    for m in loaded:
+        assert os.path.isfile(os.path.join(REPO, "serve", m, "model.py"))
+
+
+@pytest.mark.parametrize("name", ["vgg16", "resnet18", "inception_v3", "efficientnet_lite0"])
+def test_model_configs_parse_and_match_krypton_preprocess(name):
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import archive_models
+
+    cfg = archive_models.model_config(name)  # raises if preprocess disagrees with krypton.models
+    s = rq.settings_from_config(cfg["handler"])
+    assert s.arch == name
+    assert s.limits.max_positions >= 1 and cfg["responseTimeout"] >= 60
+
+
+def test_settings_reject_typos():
+    with pytest.raises(ValueError, match="unknown keys"):
+        rq.settings_from_config({"limts": {}})
+    with pytest.raises(ValueError, match="max_positions"):
+        rq.settings_from_config({"limits": {"max_positions": 0}})
+    with pytest.raises(ValueError, match="defaults"):
+        rq.settings_from_config({"defaults": {"method": "quick"}})
+
+
+def test_archive_contains_handler_helpers_and_config(tmp_path):
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import archive_models
+
+    model_py = tmp_path / "model.py"
+    model_py.write_text(TINY_MODEL)
+    cfg = {"handler": {"arch": "tiny", "preprocess": {"resize": 40, "crop": 32}}}
+    mar = archive_models.build_mar("tiny", str(model_py), cfg, str(tmp_path / "store"), str(tmp_path / "work"),
+                                   index_to_name={str(i): f"class {i}" for i in range(10)})
+    names = set(zipfile.ZipFile(mar).namelist())
+    assert {"krypton_handler.py", "obe_request.py", "obe_render.py", "obe_memory.py", "model.py",
+            "model-config.yaml", "index_to_name.json", "MAR-INF/MANIFEST.json"} <= names
+
+
+# ------------------------------------------------------------------------------- handler
+class FakeMetrics:
+    def __init__(self):
+        self.calls = []
+
+    def add_metric(self, name, value, unit, idx=None, dimensions=None, metric_type=None):
+        self.calls.append((name, value, unit, idx, metric_type))
+
+
+TINY_CFG = {
+    "handler": {"arch": "tinynet", "seed": 0, "cache_bytes": 64 * 2**20,
+                "preprocess": {"resize": 40, "crop": 32, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
+                "limits": {"max_positions": 200, "max_batch_size": 64},
+                "defaults": {"patch_size": 8, "stride": 2}},
+}
+
+
+@pytest.fixture(scope="module")
+def handler(tmp_path_factory):
+    from ts.context import Context
+
+    model_dir = tmp_path_factory.mktemp("tiny_model")
+    (model_dir / "model.py").write_text(TINY_MODEL)
+    (model_dir / "index_to_name.json").write_text(json.dumps({str(i): f"class {i}" for i in range(10)}))
+    sys.path.insert(0, str(model_dir))
+    sys.modules.pop("model", None)
+    import krypton_handler
+
+    manifest = {"model": {"modelName": "tiny", "modelFile": "model.py", "handler": "krypton_handler.py"}}
+    ctx = Context("tiny", str(model_dir), manifest, 4, None, "0.12.0", True, FakeMetrics(), TINY_CFG)
+    h = krypton_handler.KryptonHandler()
+    h.initialize(ctx)
+    yield h, ctx
+    sys.path.remove(str(model_dir))
+    sys.modules.pop("model", None)
+
+
+def run(h, ctx, requests):
+    """requests: list of (payload, headers); returns [(status, content_type, body)]."""
+    from ts.context import RequestProcessor
+
+    ctx.request_processor = [RequestProcessor(dict(hd)) for _, hd in requests]
+    ctx.request_ids = {i: f"req-{i}" for i in range(len(requests))}
+    out = h.handle([p for p, _ in requests], ctx)
+    return [(ctx.get_response_status(i)[0], ctx.get_response_content_type(i), out[i]) for i in range(len(requests))]
+
+
+def engine_heatmap(img_bytes, **opts):
+    import krypton
+
+    torch.manual_seed(0)
+    model = tiny_model_class()().eval()
+    x, _ = rq.preprocess(rq.decode_image(img_bytes, SETTINGS.limits), rq.Preprocess(40, 32, (0.5,) * 3, (0.25,) * 3))
+    return krypton.Explainer(model).explain(x, normalize=((0.5,) * 3, (0.25,) * 3), **opts)
+
+
+def test_handler_labels_untrained_and_reads_classes(handler):
+    h, _ = handler
+    assert h.weights == "untrained-random-init" and h.num_classes == 10
+    assert h._name(3) == "class 3"
+
+
+def test_handler_mixed_batch(handler):
+    h, ctx = handler
+    img = image_bytes(48, 40, seed=11)
+    res = run(h, ctx, [
+        ({"body": bytearray(img)}, {"explain": "False"}),
+        ({"body": bytearray(img)}, {"explain": "True", "X-Krypton-Stride": "4"}),
+        ({"body": bytearray(b"junk")}, {"explain": "True"}),
+        ({"body": bytearray(img)}, {"explain": "True", "X-Krypton-Format": "png", "X-Krypton-Stride": "4"}),
+    ])
+    (s0, c0, b0), (s1, c1, b1), (s2, c2, b2), (s3, c3, b3) = res
+    assert (s0, c0) == (200, "application/json")
+    preds = json.loads(b0)["predictions"]
+    assert len(preds) == 5 and preds[0]["probability"] >= preds[-1]["probability"]
+    assert json.loads(b0)["weights"] == "untrained-random-init"
+    assert (s1, c1) == (200, "application/json")
+    body = json.loads(b1)
+    ref = engine_heatmap(img, patch_size=8, stride=4, fill="gray")
+    assert body["heatmap_shape"] == list(ref.heatmap.shape) == [7, 7]
+    assert np.allclose(np.array(body["heatmap"]), ref.heatmap.numpy(), atol=1e-6)
+    assert body["label"] == ref.label and body["label_name"] == f"class {ref.label}"
+    assert body["positions"] == 49 and body["options"]["batch_size"] >= 1
+    assert body["weights"] == "untrained-random-init"
+    assert set(body["timings_ms"]) >= {"materialize", "incremental", "total"}
+    assert body["memory"]["measured_method"] and body["memory"]["measured_peak_bytes"] >= 0
+    assert body["memory"]["materialized_bytes"] > 0 and body["theoretical_speedup"] > 0
+    assert (s2, c2) == (400, "application/json") and "not an image" in json.loads(b2)["message"]
+    assert (s3, c3) == (200, "image/png")
+    assert Image.open(io.BytesIO(b3)).size == (32, 32)
+    assert ctx.get_response_headers(3)["X-Krypton-Cache"] == "hit"  # same image as request 1
+
+
+def test_handler_cache_hit_and_failed_requests_cache_nothing(handler):
+    h, ctx = handler
+    img = image_bytes(48, 40, seed=12)
+    n0 = len(h.explainer._mats.items)
+    # fails after decoding (too many positions; patch larger than the 32x32 input): nothing cached
+    for hdr in ({"X-Krypton-Stride": "1"}, {"X-Krypton-Patch-Size": "33"}, {"X-Krypton-Target": "10"}):
+        [(status, _, body)] = run(h, ctx, [({"body": bytearray(img)}, dict(hdr, explain="True"))])
+        assert status == 400, body
+    assert len(h.explainer._mats.items) == n0
+    [(s, _, b1)] = run(h, ctx, [({"body": bytearray(img)}, {"explain": "True"})])
+    [(s2, _, b2)] = run(h, ctx, [({"body": bytearray(img)}, {"explain": "True", "X-Krypton-Fill": "black"})])
+    r1, r2 = json.loads(b1), json.loads(b2)
+    assert (r1["cache"], r2["cache"]) == ("miss", "hit")
+    assert r2["timings_ms"]["materialize"] == 0.0
+    assert len(h.explainer._mats.items) == n0 + 1
+
+
+def test_handler_error_messages_name_the_problem(handler):
+    h, ctx = handler
+    img = bytearray(image_bytes(48, 40, seed=13))
+    cases = [
+        ({"body": img}, {"X-Krypton-Stride": "1"}, 400, "max_positions=200"),
+        ({"body": img}, {"X-Krypton-Patch-Size": "40"}, 400, "patch_size=40"),
+        ({"body": img}, {"X-Krypton-Bogus": "1"}, 400, "unknown option"),
+        ({"body": bytearray(bomb_png())}, {}, 413, "decompression bomb"),
+        ({}, {"Content-Type": "application/x-www-form-urlencoded"}, 400, "form-urlencoded"),
+    ]
+    res = run(h, ctx, [(p, dict(hd, explain="True")) for p, hd, _, _ in cases])
+    for (status, ctype, body), (_, _, want_status, needle) in zip(res, cases):
+        assert status == want_status and ctype == "application/json"
+        assert needle in json.loads(body)["message"], body
+
+
+def test_handler_emits_metrics(handler):
+    h, ctx = handler
+    names = {c[0] for c in ctx.metrics.calls}
+    assert {"KryptonExplainRequests", "KryptonCacheHits", "KryptonCacheMisses", "KryptonExplainLatency",
+            "KryptonPositions", "KryptonMeasuredPeakBytes", "KryptonClientErrors",
+            "KryptonPredictRequests"} <= names
