@@ -27,13 +27,21 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def _want_cuda():
     flag = os.environ.get("KRYPTON_BUILD_CUDA", "").strip()
     has_cuda_torch = torch.version.cuda is not None
-    has_nvcc = cpp_extension.CUDA_HOME is not None
+    home = cpp_extension.CUDA_HOME
+    # torch guesses CUDA_HOME from nvcc's location; a wrapper script in /usr/local/bin makes it
+    # guess /usr/local, which has no CUDA headers. Require the headers, or say what to set.
+    has_nvcc = home is not None and os.path.exists(os.path.join(home, "include", "cuda_runtime.h"))
     if flag == "0":
         return False
+    if has_cuda_torch and home is not None and not has_nvcc:
+        print(
+            f"krypton: CUDA_HOME={home!r} has no include/cuda_runtime.h; set CUDA_HOME to the "
+            "CUDA toolkit (e.g. /usr/local/cuda) to build the CUDA kernel"
+        )
     if flag == "1" and not (has_cuda_torch and has_nvcc):
         sys.exit(
             f"KRYPTON_BUILD_CUDA=1 but torch.version.cuda={torch.version.cuda!r}, "
-            f"CUDA_HOME={cpp_extension.CUDA_HOME!r}"
+            f"CUDA_HOME={home!r}"
         )
     return has_cuda_torch and has_nvcc
 
@@ -52,8 +60,9 @@ def _extension():
             extra_link_args=link,
         )
     print(
-        "krypton: building the CPU kernel only (torch.version.cuda=%r, nvcc %s)"
-        % (torch.version.cuda, "found" if cpp_extension.CUDA_HOME else "not found")
+        "krypton: building the CPU kernel only (torch.version.cuda=%r, CUDA_HOME=%r, "
+        "KRYPTON_BUILD_CUDA=%r)"
+        % (torch.version.cuda, cpp_extension.CUDA_HOME, os.environ.get("KRYPTON_BUILD_CUDA"))
     )
     return cpp_extension.CppExtension(
         "krypton._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link

@@ -77,11 +77,39 @@ std::vector<RowPlan> plan_rows(const StitchInputs& in, int64_t Hr, int64_t Wr) {
   return rows;
 }
 
+// Byte copy tuned for the short row segments of typical windows (tens of bytes): fixed-size,
+// possibly overlapping chunk copies that compile to a few vector moves instead of a memcpy call
+// per segment (which cost ~40% extra on a VGG-sized NCHW layer). Long runs go to memcpy.
+inline void copy_bytes(char* __restrict d, const char* __restrict s, size_t n) {
+  if (n >= 256) {
+    std::memcpy(d, s, n);
+  } else if (n >= 32) {
+    size_t k = 0;
+    for (; k + 32 <= n; k += 32) std::memcpy(d + k, s + k, 32);
+    if (k < n) std::memcpy(d + n - 32, s + n - 32, 32);
+  } else if (n >= 16) {
+    std::memcpy(d, s, 16);
+    std::memcpy(d + n - 16, s + n - 16, 16);
+  } else if (n >= 8) {
+    std::memcpy(d, s, 8);
+    std::memcpy(d + n - 8, s + n - 8, 8);
+  } else if (n >= 4) {
+    std::memcpy(d, s, 4);
+    std::memcpy(d + n - 4, s + n - 4, 4);
+  } else if (n >= 2) {
+    std::memcpy(d, s, 2);
+    std::memcpy(d + n - 2, s + n - 2, 2);
+  } else if (n == 1) {
+    *d = *s;
+  }
+}
+
 template <typename T>
 inline void copy1d(T* dst, int64_t ds, const T* src, int64_t ss, int64_t n) {
   if (n <= 0) return;
   if (ds == 1 && ss == 1) {
-    std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(T));
+    copy_bytes(reinterpret_cast<char*>(dst), reinterpret_cast<const char*>(src),
+               static_cast<size_t>(n) * sizeof(T));
   } else {
     for (int64_t k = 0; k < n; ++k) dst[k * ds] = src[k * ss];
   }
@@ -103,7 +131,8 @@ inline void copy_pixels(T* dst, int64_t dsc, int64_t dsw, const T* src, int64_t 
   if (n <= 0) return;
   if (dsc == 1 && ssc == 1) {
     if (dsw == C && ssw == C) {
-      std::memcpy(dst, src, static_cast<size_t>(n * C) * sizeof(T));
+      copy_bytes(reinterpret_cast<char*>(dst), reinterpret_cast<const char*>(src),
+                 static_cast<size_t>(n * C) * sizeof(T));
     } else {
       for (int64_t k = 0; k < n; ++k) copy1d(dst + k * dsw, 1, src + k * ssw, 1, C);
     }
