@@ -183,31 +183,51 @@ def stitch_reference(
     mat = _check_reference_inputs(materialized, patch, patch_origin, window_origin, window_h, window_w)
     C, H, W = mat.shape
     B, _, ph, pw = patch.shape
+    Hr, Wr = int(window_h), int(window_w)
     dev = mat.device
-    ys = window_origin[:, 0:1] + torch.arange(window_h, device=dev)  # [B,Hr]
-    xs = window_origin[:, 1:2] + torch.arange(window_w, device=dev)  # [B,Wr]
-    vy = (ys >= 0) & (ys < H)
-    vx = (xs >= 0) & (xs < W)
-    valid = vy[:, :, None] & vx[:, None, :]  # [B,Hr,Wr]
-    yc = ys.clamp(0, max(H - 1, 0))
-    xc = xs.clamp(0, max(W - 1, 0))
-    if H > 0 and W > 0:
-        res = mat[:, yc[:, :, None], xc[:, None, :]].permute(1, 0, 2, 3)  # [B,C,Hr,Wr]
+    # One gather from a single source holding [materialized pixels | pad | all patches' pixels].
+    # channels_last output: pixel-major source rows of C values (index_select on dim 0 yields the
+    # channels_last result directly); otherwise channel-major rows, gathered along dim 1.
+    pad_slot = H * W
+    fmt = _output_memory_format(patch)
+    pixel_major = fmt == torch.channels_last
+    if pixel_major:
+        src = torch.cat(
+            [
+                mat.permute(1, 2, 0).reshape(H * W, C),
+                torch.full((1, C), pad_value, dtype=mat.dtype, device=dev),
+                patch.permute(0, 2, 3, 1).reshape(B * ph * pw, C),
+            ],
+            0,
+        )
     else:
-        res = mat.new_zeros((B, C, window_h, window_w))
-    if ph > 0 and pw > 0 and B > 0:
+        src = torch.cat(
+            [
+                mat.reshape(C, H * W),
+                torch.full((C, 1), pad_value, dtype=mat.dtype, device=dev),
+                patch.permute(1, 0, 2, 3).reshape(C, B * ph * pw),
+            ],
+            1,
+        )
+    ys = window_origin[:, 0:1] + torch.arange(Hr, device=dev)  # [B,Hr]
+    xs = window_origin[:, 1:2] + torch.arange(Wr, device=dev)  # [B,Wr]
+    idx = ys[:, :, None] * W + xs[:, None, :]  # [B,Hr,Wr] index into the materialized plane
+    if ph > 0 and pw > 0:
         ry = ys - patch_origin[:, 0:1]
         rx = xs - patch_origin[:, 1:2]
         in_patch = ((ry >= 0) & (ry < ph))[:, :, None] & ((rx >= 0) & (rx < pw))[:, None, :]
-        bidx = torch.arange(B, device=dev)[:, None, None]
-        pv = patch[bidx, :, ry.clamp(0, ph - 1)[:, :, None], rx.clamp(0, pw - 1)[:, None, :]]
-        res = torch.where(in_patch[:, None], pv.permute(0, 3, 1, 2), res)  # pv: [B,Hr,Wr,C]
-    pad = torch.full((), pad_value, dtype=mat.dtype, device=dev)
-    res = torch.where(valid[:, None], res, pad)
+        b_off = (pad_slot + 1 + torch.arange(B, device=dev) * (ph * pw))[:, None, None]
+        idx = torch.where(in_patch, b_off + ry[:, :, None] * pw + rx[:, None, :], idx)
+    valid = ((ys >= 0) & (ys < H))[:, :, None] & ((xs >= 0) & (xs < W))[:, None, :]
+    idx = torch.where(valid, idx, pad_slot)
+    if pixel_major:
+        res = src.index_select(0, idx.reshape(-1)).view(B, Hr, Wr, C).permute(0, 3, 1, 2)
+    else:
+        res = src.index_select(1, idx.reshape(-1)).view(C, B, Hr, Wr).permute(1, 0, 2, 3)
     if out is not None:
         if out.shape != res.shape or out.dtype != res.dtype:
             raise ValueError(
                 f"stitch: out must be {tuple(res.shape)} {res.dtype}, got {tuple(out.shape)} {out.dtype}"
             )
         return out.copy_(res)
-    return res.contiguous(memory_format=_output_memory_format(patch))
+    return res.contiguous(memory_format=fmt)
