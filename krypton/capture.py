@@ -123,6 +123,7 @@ class Capture:
         if len(self.placeholders) != 1:
             raise ValueError(f"model.forward must take exactly one tensor input, got {len(self.placeholders)}")
         self.specs: dict[fx.Node, OpSpec | None] = {n: self._spec(n) for n in self.nodes}
+        self.shape_cache: dict = {}  # (input shape, dtype) -> node shapes, filled by the planner
 
     # ---- classification -------------------------------------------------------------------------
     def _module(self, node: fx.Node) -> nn.Module:

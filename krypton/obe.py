@@ -14,6 +14,7 @@ import torch.nn as nn
 from . import geometry as geo
 from . import ops
 from .capture import Capture
+from .grouping import choose_groups
 from .execute import BatchRunner, Materialized, materialize
 from .plan import Plan, build_plan
 
@@ -45,6 +46,8 @@ class Explanation:
     memory: dict[str, int]
     theoretical_speedup: float
     cache: str
+    executed_speedup: float = 1.0  # conv multiply-adds of full inference / those actually executed
+    groups: int = 1  # position groups run as separate plans (tighter windows near borders)
     tau: float = 1.0
     extra: dict = field(default_factory=dict)
 
@@ -78,7 +81,8 @@ class Explanation:
             "predicted": self.predicted, "positions": self.positions, "patch_size": self.patch_size,
             "stride": self.stride, "fill": self.fill, "batch_size": self.batch_size, "method": self.method,
             "tau": self.tau, "timings_ms": self.timings_ms, "memory": self.memory,
-            "theoretical_speedup": self.theoretical_speedup, "cache": self.cache, **self.extra,
+            "theoretical_speedup": self.theoretical_speedup, "executed_speedup": self.executed_speedup,
+            "groups": self.groups, "cache": self.cache, **self.extra,
         }
 
 
@@ -161,6 +165,18 @@ def choose_batch_size(bytes_per_position: int, positions: int, memory_budget: in
     return max(1, min(positions, MAX_AUTO_BATCH, budget // max(1, bytes_per_position)))
 
 
+def _checked_origins(origins, height: int, width: int, patch_size: int) -> np.ndarray:
+    """Explicit patch positions (top-left corners) that must keep the patch inside the image."""
+    origins = np.asarray(origins, dtype=np.int64)
+    if origins.ndim != 2 or origins.shape[1] != 2 or len(origins) == 0:
+        raise ValueError(f"origins must be a non-empty (n, 2) array of (y, x) corners, got shape {origins.shape}")
+    low, high = origins.min(axis=0), origins.max(axis=0)
+    if low.min() < 0 or high[0] > height - patch_size or high[1] > width - patch_size:
+        raise ValueError(f"origins must lie in 0..{height - patch_size} (y) and 0..{width - patch_size} (x) "
+                         f"for patch_size={patch_size}")
+    return origins
+
+
 def _image_key(image: torch.Tensor) -> str:
     data = image.detach().cpu().contiguous()
     digest = hashlib.blake2b(data.numpy().tobytes(), digest_size=16)
@@ -182,6 +198,7 @@ class Explainer:
         self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self._plans = _LRU(max_plans)
         self._mats = _LRU(int(cache_bytes), weigh=lambda m: m.nbytes)
+        self._groups: dict = {}
 
     # ---- caches ---------------------------------------------------------------------------------
     def plan(self, input_shape, patch_size: int, stride: int, tau: float = 1.0, origins=None) -> Plan:
@@ -205,7 +222,15 @@ class Explainer:
     # ---- the verb -------------------------------------------------------------------------------
     def explain(self, image: torch.Tensor, patch_size: int = 16, stride: int = 4, fill=0.0, target=None,
                 batch_size: int | None = None, method: str = "incremental", normalize=None,
-                memory_budget: int | None = None, tau: float = 1.0, origins=None) -> Explanation:
+                memory_budget: int | None = None, tau: float = 1.0, origins=None, target_ssim=None,
+                drilldown=None, mode=None, progress=None) -> Explanation:
+        if target_ssim is not None or drilldown not in (None, False) or mode is not None:
+            # Approximate OBE: tau from a target SSIM, adaptive drill-down, mode shortcut (approx.py).
+            from .approx import explain_approximate
+            return explain_approximate(self, image, patch_size=patch_size, stride=stride, fill=fill,
+                                       target=target, batch_size=batch_size, method=method, normalize=normalize,
+                                       memory_budget=memory_budget, tau=tau, origins=origins,
+                                       target_ssim=target_ssim, drilldown=drilldown, mode=mode, progress=progress)
         t0 = time.perf_counter()
         image = _as_batch(image, self.dtype).to(self.device)
         _, c, h, w = image.shape
@@ -220,7 +245,9 @@ class Explainer:
         if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool)
                                        or batch_size < 1):
             raise ValueError(f"batch_size={batch_size!r} is out of range: allowed integers >= 1")
-        plan = self.plan(tuple(image.shape), patch_size, stride, tau, origins)
+        shape = tuple(image.shape)
+        all_origins = geo.grid_origins(h, w, patch_size, stride) if origins is None else \
+            _checked_origins(origins, h, w, patch_size)
         mats, cache = self.materialized(image)
         probs = torch.softmax(mats.output.double(), dim=1)[0]
         classes = probs.numel()
@@ -230,17 +257,29 @@ class Explainer:
             raise ValueError(f"target={target!r} is out of range: allowed 0..{classes - 1}")
         t1 = time.perf_counter()
 
-        n = plan.positions
-        per_position = plan.peak_bytes_per_position if method == "incremental" else self._naive_bytes(plan)
+        n = len(all_origins)
+        if method == "incremental":
+            groups = self.groups(shape, patch_size, stride, tau, all_origins)
+            plans = [self.plan(shape, patch_size, stride, tau, all_origins[g]) for g in groups]
+            per_position = max(p.peak_bytes_per_position for p in plans)
+        else:
+            groups = [np.arange(n)]
+            plans = [self.plan(shape, patch_size, stride, tau, all_origins)]
+            per_position = self._naive_bytes(plans[0])
         batch = min(n, batch_size) if batch_size else choose_batch_size(per_position, n, memory_budget)
         fill_t = torch.tensor(values, dtype=self.dtype, device=self.device).view(c, 1, 1)
         scores = torch.empty(n, dtype=torch.float64)
-        run = self._incremental_runner(plan, mats, fill_t) if method == "incremental" else \
-            self._naive_runner(plan, image, fill_t)
-        for start in range(0, n, batch):
-            stop = min(n, start + batch)
-            logits = run(start, stop)
-            scores[start:stop] = torch.softmax(logits.double(), dim=1)[:, label].cpu()
+        full_macs, executed_macs = 0, 0
+        for indices, plan in zip(groups, plans):
+            run = self._incremental_runner(plan, mats, fill_t) if method == "incremental" else \
+                self._naive_runner(plan, image, fill_t)
+            full, inc = plan.macs()
+            full_macs += full * len(indices)
+            executed_macs += (inc if method == "incremental" else full) * len(indices)
+            for start in range(0, len(indices), batch):
+                stop = min(len(indices), start + batch)
+                logits = run(start, stop)
+                scores[indices[start:stop]] = torch.softmax(logits.double(), dim=1)[:, label].cpu()
         t2 = time.perf_counter()
 
         grid = geo.grid_shape(h, w, patch_size, stride) if origins is None else (1, n)
@@ -252,9 +291,27 @@ class Explainer:
             timings_ms={"materialize": 0.0 if cache == "hit" else (t1 - t0) * 1e3, method: (t2 - t1) * 1e3,
                         "total": (t2 - t0) * 1e3},
             memory={"materialized_bytes": mats.nbytes, "peak_working_bytes": per_position * batch},
-            theoretical_speedup=self.estimate(tuple(image.shape), patch_size, stride, tau).theoretical_speedup(),
-            cache=cache, tau=float(tau),
+            theoretical_speedup=self.estimate(shape, patch_size, stride, tau).theoretical_speedup(),
+            executed_speedup=full_macs / executed_macs if executed_macs else 1.0,
+            groups=len(groups), cache=cache, tau=float(tau),
         )
+
+    def groups(self, input_shape, patch_size: int, stride: int, tau: float, origins: np.ndarray) -> list:
+        """Position groups that run as separate plans with tighter windows (see grouping.py).
+
+        Only the full grid is split; an explicit list of origins (drill-down) runs as one group.
+        """
+        h, w = input_shape[2], input_shape[3]
+        grid = geo.grid_shape(h, w, patch_size, stride)
+        if len(origins) != grid[0] * grid[1] or not np.array_equal(
+                origins, geo.grid_origins(h, w, patch_size, stride)):
+            return [np.arange(len(origins))]
+        key = (tuple(input_shape), patch_size, stride, float(tau))
+        if key not in self._groups:
+            def cost(indices):
+                return self.plan(input_shape, patch_size, stride, tau, origins[indices]).macs()[1] * len(indices)
+            self._groups[key] = choose_groups(grid, stride, cost)
+        return self._groups[key]
 
     def estimate(self, input_shape, patch_size: int, stride: int, tau: float = 1.0) -> Plan:
         """The plan of one position with the patch at the centre (the paper's worst case)."""

@@ -105,8 +105,15 @@ class Plan:
 
 
 def propagate_shapes(capture: Capture, input_shape: tuple[int, ...], dtype: torch.dtype) -> dict:
-    """Every node's output shape (None for non-tensors), computed with fake tensors: no inference."""
+    """Every node's output shape (None for non-tensors), computed with fake tensors: no inference.
+
+    Cached on the capture: plans for other patches, strides or position subsets reuse it.
+    """
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    key = (tuple(input_shape), dtype)
+    if key in capture.shape_cache:
+        return capture.shape_cache[key]
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
@@ -119,6 +126,7 @@ def propagate_shapes(capture: Capture, input_shape: tuple[int, ...], dtype: torc
     for node in capture.nodes:
         meta = node.meta.get("tensor_meta")
         shapes[node] = meta.shape if hasattr(meta, "shape") else None
+    capture.shape_cache[key] = shapes
     return shapes
 
 

@@ -143,3 +143,21 @@ def test_attribution_is_mean_drop_over_covering_windows():
     # pixel (3, 3) is covered by windows at rows {0, 3} x cols {0, 3}
     assert attr[3, 3].item() == pytest.approx(drop[:2, :2].mean().item())
     assert attr[12, 10].item() == 0.0  # no window reaches the last row/column
+
+
+def test_position_groups_give_the_same_heatmap():
+    """Positions split into border-distance groups (separate plans, tighter windows) stay exact."""
+    from krypton.grouping import groups_for
+
+    model = _net("branchy", torch.float64)
+    image = torch.randn(3, 30, 27, dtype=torch.float64)
+    explainer = krypton.Explainer(model)
+    grid = krypton.grid_shape(30, 27, 3, 2)
+    explainer._groups[((1, 3, 30, 27), 3, 2, 1.0)] = groups_for(grid, 2, [2, 6])
+    grouped = explainer.explain(image, patch_size=3, stride=2, batch_size=16)
+    naive = explainer.explain(image, patch_size=3, stride=2, method="naive")
+    assert grouped.groups == 9
+    assert (grouped.heatmap - naive.heatmap).abs().max().item() <= 1e-9
+    one_group = krypton.Explainer(model)
+    one_group._groups[((1, 3, 30, 27), 3, 2, 1.0)] = groups_for(grid, 2, [])
+    assert grouped.executed_speedup > one_group.explain(image, patch_size=3, stride=2).executed_speedup
