@@ -286,6 +286,14 @@ TORCH_LIBRARY(krypton, m) {
       "float pad_value, Tensor(a!) out) -> Tensor(a!)");
 }
 
+// Not differentiable (inference only): autograd passes straight through, so outputs never carry
+// a grad_fn and no autograd wrapper runs, even with grad mode on (torch's recommended
+// registration for non-differentiable ops).
+TORCH_LIBRARY_IMPL(krypton, Autograd, m) {
+  m.impl("stitch", torch::CppFunction::makeFallthrough());
+  m.impl("stitch_out", torch::CppFunction::makeFallthrough());
+}
+
 TORCH_LIBRARY_IMPL(krypton, CPU, m) {
   m.impl("stitch", &stitch_cpu);
   m.impl("stitch_out", &stitch_out_cpu);

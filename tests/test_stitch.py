@@ -271,6 +271,14 @@ def test_force_reference_env(monkeypatch):
 
 
 @needs_compiled
+def test_not_differentiable_no_grad_fn():
+    mat = torch.rand(3, 5, 5, requires_grad=True)
+    z = torch.zeros(2, 2, dtype=torch.long)
+    out = torch.ops.krypton.stitch(mat, torch.rand(2, 3, 2, 2, requires_grad=True), z, z, 3, 3, 0.0)
+    assert not out.requires_grad and out.grad_fn is None
+
+
+@needs_compiled
 def test_backend_reports_compiled():
     assert ops.backend() in ("compiled-cpu", "compiled-cpu+cuda")
     assert ops.load_error() is None
