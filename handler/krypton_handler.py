@@ -76,6 +76,7 @@ class KryptonHandler(BaseHandler):
 
         self.explainer = krypton.Explainer(self.model, cache_bytes=s.cache_bytes)
         self._grid_shape = krypton.grid_shape
+        self._warm_up()
         msg = (f"model {self.model_name}: arch={s.arch or 'user model'} weights={self.weights} "
                f"classes={self.num_classes} device={self.device} threads={torch.get_num_threads()} "
                f"preprocess={s.preprocess} limits={s.limits} cache_bytes={s.cache_bytes}")
@@ -86,6 +87,22 @@ class KryptonHandler(BaseHandler):
         else:
             logger.info("%s", msg)
         self.initialized = True
+
+    def _warm_up(self) -> None:
+        """Build the plan of the default options at load time: the first plan pays one-time costs
+        (about a second even for a tiny model) that would otherwise land on the first request."""
+        c, d = self.settings.preprocess.crop, self.settings.defaults
+        if c is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            self.explainer.plan((1, 3, c, c), d.patch_size, d.stride)
+            self.explainer.estimate((1, 3, c, c), d.patch_size, d.stride)
+        except Exception:  # a warm-up must not keep the model from loading
+            logger.warning("model %s: warm-up plan failed", self.model_name, exc_info=True)
+            return
+        logger.info("model %s: warm-up plan (P=%d, S=%d) in %.0f ms", self.model_name, d.patch_size,
+                    d.stride, (time.perf_counter() - t0) * 1e3)
 
     def _probe_num_classes(self) -> Optional[int]:
         c = self.settings.preprocess.crop

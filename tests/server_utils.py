@@ -103,8 +103,7 @@ class TorchServeProcess:
         self.token_auth = token_auth
         self.startup_timeout = startup_timeout
         self.extra_config = extra_config
-        # unix socket paths are limited to ~107 bytes: keep TMPDIR short
-        self.tmpdir = tempfile.mkdtemp(prefix="ts", dir="/tmp")
+        self.tmpdir = ""  # made by start()
         p = free_ports(5)
         self.ports = dict(zip(("inference", "management", "metrics", "grpc_inference", "grpc_management"), p))
         self.keys: Dict[str, str] = {}
@@ -123,6 +122,8 @@ class TorchServeProcess:
         return os.path.join(self.workdir, "logs")
 
     def start(self) -> "TorchServeProcess":
+        # pid file and worker unix sockets go to TMPDIR; socket paths are limited to ~107 bytes
+        self.tmpdir = tempfile.mkdtemp(prefix="ts", dir="/tmp")
         os.makedirs(self.log_dir, exist_ok=True)
         cfg = os.path.join(self.workdir, "config.properties")
         with open(cfg, "w") as f:
