@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Set up, archive the default models, start TorchServe with config.properties, wait until every
+# default model has a READY worker, then print working curl examples and the stop command.
+#
+#   scripts/serve.sh                      # setup + archives + start (token authorization off)
+#   scripts/serve.sh --token-auth         # same, with TorchServe token authorization on
+#   scripts/serve.sh --weights vgg16=/path/vgg16-397923af.pth   # real weights (repeatable)
+#   scripts/serve.sh --no-setup --no-archive --timeout 600
+#   scripts/stop.sh                       # stop it
+#
+# Scratch folder (logs, pid file, worker sockets, key_file.json, the sample photo): .serve/ in the
+# repo, ignored by git through its own .gitignore. Override with KRYPTON_SERVE_DIR.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+RUN="${KRYPTON_SERVE_DIR:-$ROOT/.serve}"
+PY="$ROOT/.venv/bin/python"
+TS="$ROOT/.venv/bin/torchserve"
+SETUP=1; ARCHIVE=1; TOKEN=0; TIMEOUT=600; WEIGHTS=()
+log() { echo "[serve] $*"; }
+die() { echo "[serve] ERROR: $*" >&2; exit 1; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --token-auth) TOKEN=1 ;;
+    --no-setup) SETUP=0 ;;
+    --no-archive) ARCHIVE=0 ;;
+    --timeout) shift; TIMEOUT="${1:?--timeout needs seconds}" ;;
+    --weights) shift; WEIGHTS+=(--weights "${1:?--weights needs NAME=PATH}") ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    *) die "unknown argument $1 (see --help)" ;;
+  esac
+  shift
+done
+
+if [ "$SETUP" = 1 ]; then
+  [ -f scripts/setup.sh ] || die "scripts/setup.sh is missing"
+  bash scripts/setup.sh
+fi
+[ -x "$PY" ] && [ -x "$TS" ] || die "no .venv with torchserve: run scripts/setup.sh"
+
+if [ "$ARCHIVE" = 1 ]; then
+  "$PY" scripts/archive_models.py "${WEIGHTS[@]}"
+fi
+MODELS="$(sed -n 's/^load_models=//p' config.properties | tr ',' '\n' | sed 's/\.mar$//; s/=.*//' | tr '\n' ' ')"
+for m in $MODELS; do [ -f "model_store/$m.mar" ] || die "model_store/$m.mar is missing: run scripts/archive_models.py"; done
+
+# A previous instance from this scratch folder is stopped first; a foreign one holding the ports is an error.
+if [ -f "$RUN/tmp/.model_server.pid" ]; then
+  log "stopping the previous instance"
+  bash "$ROOT/scripts/stop.sh" || true
+fi
+mkdir -p "$RUN/logs" "$RUN/tmp"
+echo '*' > "$RUN/.gitignore"
+PORTS="$(sed -n 's/^\(inference\|management\|metrics\)_address=.*:\([0-9]*\)$/\2/p' config.properties | tr '\n' ' ')"
+for p in $PORTS; do
+  if "$PY" -c "import socket,sys; s=socket.socket(); s.settimeout(0.5); sys.exit(0 if s.connect_ex(('127.0.0.1',$p))==0 else 1)"; then
+    die "port $p on 127.0.0.1 is in use (another TorchServe? stop it with scripts/stop.sh or 'torchserve --stop')"
+  fi
+done
+
+CONFIG="$ROOT/config.properties"
+if [ "$TOKEN" = 1 ]; then
+  CONFIG="$RUN/config.properties"
+  sed 's/^disable_token_authorization=.*/disable_token_authorization=false/' "$ROOT/config.properties" > "$CONFIG"
+  rm -f "$RUN/key_file.json"
+fi
+
+log "starting TorchServe (logs: $RUN/logs)"
+(
+  cd "$RUN"
+  export TMPDIR="$RUN/tmp" TEMP="$RUN/tmp" LOG_LOCATION="$RUN/logs" METRICS_LOCATION="$RUN/logs"
+  export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+  "$TS" --start --ncs --model-store "$ROOT/model_store" --ts-config "$CONFIG" > "$RUN/logs/start.out" 2>&1
+)
+
+log "waiting for a READY worker of: $MODELS(timeout ${TIMEOUT}s)"
+if ! "$PY" - "$TIMEOUT" "$RUN" $MODELS <<'EOF'
+import json, os, sys, time, urllib.request
+timeout, run, models = float(sys.argv[1]), sys.argv[2], sys.argv[3:]
+deadline = time.time() + timeout
+def headers():
+    try:
+        with open(os.path.join(run, "key_file.json")) as f:
+            return {"Authorization": "Bearer " + json.load(f)["management"]["key"]}
+    except (OSError, ValueError, KeyError):
+        return {}
+pending = list(models)
+while pending and time.time() < deadline:
+    for m in list(pending):
+        try:
+            req = urllib.request.Request(f"http://127.0.0.1:8081/models/{m}", headers=headers())
+            with urllib.request.urlopen(req, timeout=5) as r:
+                info = json.load(r)
+            if any(w.get("status") == "READY" for w in info[0].get("workers", [])):
+                print(f"[serve] {m}: READY after {timeout - (deadline - time.time()):.0f}s", flush=True)
+                pending.remove(m)
+        except Exception:
+            pass
+    time.sleep(1)
+if pending:
+    print(f"[serve] ERROR: not READY after {timeout:.0f}s: {' '.join(pending)}", file=sys.stderr)
+    sys.exit(1)
+EOF
+then
+  for f in "$RUN/logs/start.out" "$RUN/logs/ts_log.log" "$RUN/logs/model_log.log"; do
+    [ -f "$f" ] && { echo "----- tail of $f" >&2; tail -n 40 "$f" >&2; }
+  done
+  echo "[serve] TorchServe is left running for inspection; stop it with: bash $ROOT/scripts/stop.sh" >&2
+  exit 1
+fi
+
+PHOTO="$RUN/chelsea.jpg"
+"$PY" - "$PHOTO" <<'EOF'
+import sys
+from PIL import Image
+from skimage import data  # scikit-image's sample photo of Chelsea the cat (public domain)
+Image.fromarray(data.chelsea()).save(sys.argv[1], quality=95)
+EOF
+
+AUTH=""
+if [ "$TOKEN" = 1 ]; then
+  AUTH=" -H \"Authorization: Bearer \$($PY -c 'import json; print(json.load(open(\"$RUN/key_file.json\"))[\"inference\"][\"key\"])')\""
+fi
+cat <<EOF
+
+TorchServe is up with: $MODELS
+Explain (JSON; ~10-60 s on a 2-core CPU):
+  curl -s -T $PHOTO$AUTH -H "X-Krypton-Stride: 16" http://127.0.0.1:8080/explanations/efficientnet_lite0 | head -c 1200; echo
+Explain as a PNG overlay:
+  curl -s -T $PHOTO$AUTH -H "X-Krypton-Stride: 16" -H "X-Krypton-Format: png" -o $RUN/heatmap.png http://127.0.0.1:8080/explanations/efficientnet_lite0
+Top-5 classes:
+  curl -s -T $PHOTO$AUTH http://127.0.0.1:8080/predictions/efficientnet_lite0
+Metrics (TorchServe 0.12 serves them without a token):
+  curl -s http://127.0.0.1:8082/metrics | grep Krypton
+Stop:
+  bash $ROOT/scripts/stop.sh
+EOF
