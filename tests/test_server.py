@@ -1,0 +1,352 @@
+"""End to end through a real TorchServe 0.12 (started once for this module, ~10-20 s).
+
+Models: `tiny` (a small random-init CNN from tests/server_utils.py, 2 workers, TorchServe batches
+of up to 4 so that batches really mix requests) for most checks, and `efficientnet_lite0` archived
+by scripts/archive_models.py with its real weights for one real case. Heatmaps are compared with
+the engine run in this process on the same preprocessed tensor.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+import io
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tests"))
+sys.path.insert(0, os.path.join(REPO, "handler"))
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+
+import archive_models  # noqa: E402
+import obe_request as rq  # noqa: E402
+from server_utils import (TINY_MODEL, TorchServeProcess, bomb_png, image_bytes, multipart,  # noqa: E402
+                          png16_rgb, tiny_model_class)
+
+pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchserve")),
+                                reason="torchserve is not installed in this Python environment")
+
+TINY_PRE = rq.Preprocess(resize=40, crop=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+TINY_CONFIG = {
+    "minWorkers": 2, "maxWorkers": 2, "batchSize": 4, "maxBatchDelay": 50, "responseTimeout": 120,
+    "handler": {
+        "arch": "tinynet", "seed": 0, "cache_bytes": 64 * 2**20,
+        "preprocess": {"resize": 40, "crop": 32, "mean": [0.5] * 3, "std": [0.25] * 3},
+        "limits": {"max_positions": 200, "max_batch_size": 64, "max_image_pixels": 4_000_000},
+        "defaults": {"patch_size": 8, "stride": 2},
+    },
+}
+TINY_CLASSES = {str(i): f"tiny class {i}" for i in range(10)}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    work = tmp_path_factory.mktemp("ts")
+    store = str(work / "model_store")
+    model_py = work / "tiny_model.py"
+    model_py.write_text(TINY_MODEL)
+    t0 = time.time()
+    archive_models.build_mar("tiny", str(model_py), TINY_CONFIG, store, str(work / "build"),
+                             index_to_name=TINY_CLASSES)
+    archive_models.archive("efficientnet_lite0", store, str(work / "build"))
+    t1 = time.time()
+    with TorchServeProcess(store, ["tiny", "efficientnet_lite0"], str(work)) as ts:
+        print(f"\narchives {t1 - t0:.1f}s, TorchServe ready {time.time() - t1:.1f}s")
+        yield ts
+
+
+# ------------------------------------------------------------------------------------ helpers
+def engine_reference(img: bytes, model, pre: rq.Preprocess, **opts):
+    import krypton
+
+    x, view = rq.preprocess(rq.decode_image(img, rq.Limits()), pre)
+    return krypton.Explainer(model).explain(x, normalize=(pre.mean, pre.std), **opts), view
+
+
+_TINY = None
+
+
+def tiny_model():
+    global _TINY
+    if _TINY is None:
+        torch.manual_seed(0)  # what the handler does before building a model without weights
+        _TINY = tiny_model_class()().eval()
+    return _TINY
+
+
+def explain_raw(ts, img, **opts):
+    headers = {f"X-Krypton-{k.replace('_', '-')}": str(v) for k, v in opts.items()}
+    return ts.request("POST", "/explanations/tiny", img, headers)
+
+
+def ok_json(resp):
+    status, headers, body = resp
+    assert status == 200, body[:500]
+    assert headers["content-type"].startswith("application/json")
+    return json.loads(body)
+
+
+# ------------------------------------------------------------------------------------ basics
+def test_models_ready_with_workers(server):
+    status, _, body = server.request("GET", "/models/tiny", api="management")
+    info = json.loads(body)[0]
+    assert status == 200 and info["batchSize"] == 4
+    assert sum(w["status"] == "READY" for w in info["workers"]) == 2
+
+
+def test_predict_top5(server):
+    r = ok_json(server.request("POST", "/predictions/tiny", image_bytes(seed=1)))
+    assert r["weights"] == "untrained-random-init"
+    preds = r["predictions"]
+    assert len(preds) == 5 and all(p["label_name"] == f"tiny class {p['label']}" for p in preds)
+    probs = [p["probability"] for p in preds]
+    assert probs == sorted(probs, reverse=True)
+    x, _ = rq.preprocess(rq.decode_image(image_bytes(seed=1), rq.Limits()), TINY_PRE)
+    with torch.no_grad():
+        want = torch.softmax(tiny_model()(x[None]), 1)[0].topk(5)
+    assert [p["label"] for p in preds] == want.indices.tolist()
+    assert np.allclose(probs, want.values.numpy(), atol=1e-5)
+
+
+def test_explain_json_equals_engine_in_process(server):
+    img = image_bytes(seed=2)
+    r = ok_json(explain_raw(server, img, patch_size=8, stride=3, fill="black"))
+    ref, _ = engine_reference(img, tiny_model(), TINY_PRE, patch_size=8, stride=3, fill="black")
+    assert r["heatmap_shape"] == list(ref.heatmap.shape) == [9, 9]
+    assert np.abs(np.array(r["heatmap"]) - ref.heatmap.numpy()).max() < 1e-5
+    assert r["label"] == ref.label == r["predicted"] and r["label_name"] == f"tiny class {ref.label}"
+    assert r["probability"] == pytest.approx(ref.probability, abs=1e-6)
+    assert r["positions"] == 81
+    assert r["options"] == {"patch_size": 8, "stride": 3, "fill": "black", "target": None, "method": "incremental",
+                            "batch_size": r["options"]["batch_size"], "tau": 1.0, "format": "json",
+                            "fill_value": r["options"]["fill_value"]}
+    assert r["options"]["batch_size"] >= 1
+    assert {"materialize", "incremental", "total"} <= set(r["timings_ms"])
+    mem = r["memory"]
+    assert mem["materialized_bytes"] > 0 and mem["peak_working_bytes"] > 0
+    assert mem["measured_peak_bytes"] >= 0 and "VmHWM" in mem["measured_method"]
+    assert r["theoretical_speedup"] > 1.0 and r["cache"] in ("hit", "miss")
+    assert r["weights"] == "untrained-random-init"
+
+
+def test_request_shapes_agree(server):
+    """Raw body, multipart, JSON base64, KServe v1 and v2 explain routes: one answer."""
+    img = image_bytes(seed=3)
+    b64 = base64.b64encode(img).decode()
+    opts = {"patch_size": 8, "stride": 4, "target": 3, "method": "naive"}
+    answers = [ok_json(explain_raw(server, img, **opts))]
+    body, ctype = multipart({"data": img, **opts})
+    answers.append(ok_json(server.request("POST", "/explanations/tiny", body, {"Content-Type": ctype})))
+    answers.append(ok_json(server.post_json("/explanations/tiny", {"data": b64, **opts})))
+    answers.append(ok_json(server.post_json("/v1/models/tiny:explain", {"instances": [{"data": b64, **opts}]})))
+    answers.append(ok_json(server.post_json("/v2/models/tiny/explain", {
+        "inputs": [{"name": "data", "shape": [1], "datatype": "BYTES", "data": [b64]}], "parameters": opts})))
+    ref, _ = engine_reference(img, tiny_model(), TINY_PRE, patch_size=8, stride=4, target=3, method="naive",
+                              fill="gray")
+    for a in answers:
+        assert a["label"] == 3 and a["options"]["method"] == "naive"
+        assert np.abs(np.array(a["heatmap"]) - ref.heatmap.numpy()).max() < 1e-5
+
+
+def test_explain_png(server):
+    img = image_bytes(64, 50, seed=4)
+    status, headers, body = explain_raw(server, img, format="png", stride=4)
+    assert status == 200 and headers["content-type"] == "image/png"
+    im = Image.open(io.BytesIO(body))
+    im.load()
+    assert im.format == "PNG" and im.size == (32, 32) and im.mode == "RGB"
+    assert headers["x-krypton-weights"] == "untrained-random-init"
+    assert int(headers["x-krypton-positions"]) == 49 and headers["x-krypton-cache"] in ("hit", "miss")
+
+
+def test_cache_hit_on_repeated_image(server):
+    """Each worker has its own cache: of 3 requests for one image on 2 workers, some worker
+    sees the image twice, and its second answer must be a hit that skipped materialization."""
+    img = image_bytes(seed=5)
+    runs = [ok_json(explain_raw(server, img, stride=s)) for s in (2, 3, 4)]
+    caches = [r["cache"] for r in runs]
+    assert caches[0] == "miss" and "hit" in caches, caches
+    for r in runs:
+        if r["cache"] == "hit":
+            assert r["timings_ms"]["materialize"] == 0.0
+    # the options really differed and so did the answers' shapes
+    assert [r["heatmap_shape"] for r in runs] == [[13, 13], [9, 9], [7, 7]]
+
+
+BAD_INPUTS = [
+    # (name, how to send it, expected status, words the message must contain)
+    ("not an image", dict(body=b"GIF89 but not really an image at all"), 400, "not an image"),
+    ("truncated jpeg", dict(body=image_bytes(64, 64, seed=6)[:500]), 400, "truncated"),
+    ("truncated png", dict(body=image_bytes(64, 64, "PNG", seed=6)[:-60]), 400, "truncated"),
+    ("empty body", dict(body=b""), 400, "empty body"),
+    ("decompression bomb", dict(body=bomb_png()), 413, "decompression bomb"),
+    ("over max_image_pixels", dict(body=bomb_png(2500)), 413, "max_image_pixels"),
+    ("gray", dict(body=image_bytes(mode="L", fmt="PNG")), 400, "grayscale"),
+    ("rgba", dict(body=image_bytes(mode="RGBA", fmt="PNG")), 400, "alpha channel"),
+    ("16-bit gray", dict(body=image_bytes(mode="I;16", fmt="PNG")), 400, "16"),
+    ("16-bit rgb", dict(body=png16_rgb()), 400, "16 bits per channel"),
+    ("unknown option", dict(headers={"X-Krypton-Colour": "red"}), 400, "unknown option"),
+    ("unknown json field", dict(json={"stride": 4, "zoom": 2}), 400, "unknown option"),
+    ("wrong type", dict(headers={"X-Krypton-Stride": "four"}), 400, "option stride"),
+    ("wrong json type", dict(json={"patch_size": [8]}), 400, "option patch_size"),
+    ("out of range", dict(headers={"X-Krypton-Stride": "0"}), 400, "option stride"),
+    ("target out of range", dict(headers={"X-Krypton-Target": "10"}), 400, "[0, 9]"),
+    ("bad method", dict(headers={"X-Krypton-Method": "quick"}), 400, "incremental | naive"),
+    ("bad fill", dict(headers={"X-Krypton-Fill": "purple"}), 400, "option fill"),
+    ("patch larger than image", dict(headers={"X-Krypton-Patch-Size": "33"}), 400, "patch_size=33"),
+    ("too many positions", dict(headers={"X-Krypton-Stride": "1"}), 400, "max_positions=200"),
+    ("batch too large", dict(headers={"X-Krypton-Batch-Size": "65"}), 400, "option batch_size"),
+    ("no content-type, not an image", dict(body=b"\x00\x01 plain bytes", no_ctype=True), 400, "not an image"),
+    ("text/plain body", dict(body=b"hello", headers={"Content-Type": "text/plain"}), 400, "arrived as text"),
+    ("form-urlencoded text", dict(body=b"hello=world",
+                                  headers={"Content-Type": "application/x-www-form-urlencoded"}), 400,
+     "form-urlencoded"),
+    ("broken json", dict(body=b'{"data": ', headers={"Content-Type": "application/json"}), 400, "not valid JSON"),
+    ("json without data", dict(json={"stride": 4}, no_image=True), 400, "no 'data' field"),
+    ("bad base64", dict(json={"data": "***"}, no_image=True), 400, "not valid base64"),
+    ("multipart without file", dict(multipart={"stride": "4"}), 400, "no image"),
+]
+
+
+def send_bad(ts, spec):
+    img = image_bytes(seed=7)
+    if "json" in spec:
+        obj = dict(spec["json"])
+        if not spec.get("no_image"):
+            obj["data"] = base64.b64encode(img).decode()
+        return ts.post_json("/explanations/tiny", obj)
+    if "multipart" in spec:
+        body, ctype = multipart(spec["multipart"])
+        return ts.request("POST", "/explanations/tiny", body, {"Content-Type": ctype})
+    body = spec.get("body", img)
+    headers = dict(spec.get("headers", {}))
+    if not spec.get("no_ctype") and "Content-Type" not in headers:
+        headers["Content-Type"] = "application/octet-stream"
+    return ts.request("POST", "/explanations/tiny", body, headers)
+
+
+@pytest.mark.parametrize("name,spec,status,needle", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_then_valid_request(server, name, spec, status, needle):
+    got, headers, body = send_bad(server, spec)
+    assert got == status, body[:400]
+    assert headers["content-type"].startswith("application/json")
+    err = json.loads(body)
+    assert err["code"] == status and needle in err["message"], err
+    # the worker keeps serving
+    r = ok_json(explain_raw(server, image_bytes(seed=8), stride=4))
+    assert r["heatmap_shape"] == [7, 7]
+
+
+def test_no_content_type_with_an_image_is_accepted(server):
+    """curl -T sends no Content-Type: the raw body is the image."""
+    status, _, body = server.request("POST", "/explanations/tiny", image_bytes(seed=9), {"X-Krypton-Stride": "4"})
+    assert status == 200, body
+
+
+def test_frontend_limits(server):
+    """Two cases TorchServe's frontend answers before the handler can: a body over
+    max_request_size (413), and binary data sent as form-urlencoded (urllib's default, or curl -d),
+    which its form decoder refuses (500 ErrorDataDecoderException). The worker is unaffected."""
+    status, _, _ = server.request("POST", "/explanations/tiny", b"\xff" * (13 * 2**20),
+                                  {"Content-Type": "application/octet-stream"})
+    assert status == 413
+    req = urllib.request.Request(f"http://127.0.0.1:{server.ports['inference']}/explanations/tiny",
+                                 data=image_bytes(seed=10))  # urllib: application/x-www-form-urlencoded
+    with pytest.raises(urllib.error.HTTPError) as ei:
+        urllib.request.urlopen(req, timeout=60)
+    assert ei.value.code >= 400
+    ok_json(explain_raw(server, image_bytes(seed=10), stride=4))
+
+
+def test_failed_request_caches_nothing(server):
+    img = image_bytes(seed=11)
+    for hdr in ({"X-Krypton-Stride": "1"}, {"X-Krypton-Target": "10"}, {"X-Krypton-Patch-Size": "40"}):
+        status, _, _ = server.request("POST", "/explanations/tiny", img, hdr)
+        assert status == 400
+    # neither worker may have materialized this image for the failed requests
+    assert ok_json(explain_raw(server, img, stride=4))["cache"] == "miss"
+
+
+def test_eight_concurrent_explanations_equal_sequential(server):
+    jobs = [(image_bytes(seed=20 + i % 4), {"stride": 2 + i // 4, "fill": "gray" if i % 2 else "black"})
+            for i in range(8)]
+    sequential = [ok_json(explain_raw(server, img, **o)) for img, o in jobs]
+    with cf.ThreadPoolExecutor(8) as pool:
+        concurrent = list(pool.map(lambda j: ok_json(explain_raw(server, j[0], **j[1])), jobs))
+    for s, c in zip(sequential, concurrent):
+        assert c["heatmap_shape"] == s["heatmap_shape"]
+        assert np.abs(np.array(c["heatmap"]) - np.array(s["heatmap"])).max() < 1e-6
+        assert (c["label"], c["options"]) == (s["label"], s["options"])
+    # mixed batches: predictions and explanations in flight together
+    with cf.ThreadPoolExecutor(8) as pool:
+        futs = [pool.submit(server.request, "POST", "/predictions/tiny" if i % 2 else "/explanations/tiny",
+                            image_bytes(seed=30 + i), {"X-Krypton-Stride": "4"}) for i in range(8)]
+        for i, f in enumerate(futs):
+            r = ok_json(f.result())
+            assert ("predictions" in r) == bool(i % 2)
+
+
+def test_efficientnet_real_weights(server):
+    """The real model: Chelsea the cat is a cat, and the explanation equals the in-process engine."""
+    skimage_data = pytest.importorskip("skimage.data")
+    buf = io.BytesIO()
+    Image.fromarray(skimage_data.chelsea()).save(buf, format="JPEG", quality=95)
+    img = buf.getvalue()
+    r = ok_json(server.request("POST", "/predictions/efficientnet_lite0", img))
+    assert r["weights"].startswith("pretrained-imagenet")
+    top = r["predictions"][0]
+    assert top["label"] in (281, 282, 283, 285, 287) and "cat" in top["label_name"] or "lynx" in top["label_name"]
+    e = ok_json(server.request("POST", "/explanations/efficientnet_lite0", img,
+                               {"X-Krypton-Patch-Size": "32", "X-Krypton-Stride": "32"}))
+    from krypton.models import PREPROCESS, build_model
+
+    p = PREPROCESS["efficientnet_lite0"]
+    pre = rq.Preprocess(p["resize"], p["crop"], tuple(p["mean"]), tuple(p["std"]))
+    ref, _ = engine_reference(img, build_model("efficientnet_lite0"), pre, patch_size=32, stride=32, fill="gray")
+    assert e["label"] == ref.label == top["label"] and e["heatmap_shape"] == [7, 7]
+    assert np.abs(np.array(e["heatmap"]) - ref.heatmap.numpy()).max() < 1e-4
+    assert e["input_shape"] == [3, 224, 224]
+
+
+def test_metrics_endpoint_shows_krypton_metrics(server):
+    ok_json(explain_raw(server, image_bytes(seed=40), stride=4))
+    text = ""
+    for _ in range(20):  # the frontend picks worker metrics up from the log asynchronously
+        status, _, body = server.request("GET", "/metrics", api="metrics")
+        text = body.decode()
+        if status == 200 and "KryptonExplainRequests" in text and "KryptonCacheHits" in text:
+            break
+        time.sleep(0.5)
+    for name in ("KryptonExplainRequests", "KryptonCacheMisses", "KryptonCacheHits", "KryptonExplainLatency",
+                 "KryptonPositions", "KryptonMeasuredPeakBytes", "KryptonClientErrors", "KryptonPredictRequests"):
+        assert name in text, f"{name} missing from /metrics"
+    assert 'ModelName="tiny"' in text
+
+
+# ------------------------------------------------------------------------------------ token auth
+def test_token_authorization_on(tmp_path):
+    """scripts/serve.sh --token-auth flips disable_token_authorization; this is that config."""
+    store = str(tmp_path / "store")
+    model_py = tmp_path / "tiny_model.py"
+    model_py.write_text(TINY_MODEL)
+    cfg = dict(TINY_CONFIG, minWorkers=1, maxWorkers=1)
+    archive_models.build_mar("tiny", str(model_py), cfg, store, str(tmp_path / "build"))
+    with TorchServeProcess(store, ["tiny"], str(tmp_path), token_auth=True) as ts:
+        assert ts.keys, "key_file.json was not written"
+        status, _, _ = ts.request("POST", "/predictions/tiny", image_bytes(seed=50), auth=False)
+        assert status in (400, 401, 403)
+        status, _, _ = ts.request("POST", "/predictions/tiny", image_bytes(seed=50),
+                                  {"Authorization": "Bearer wrong"}, auth=True)
+        assert status in (400, 401, 403)
+        status, _, body = ts.request("POST", "/predictions/tiny", image_bytes(seed=50))
+        assert status == 200, body
