@@ -99,6 +99,10 @@ class BatchRunner:
         self.capture, self.plan, self.mats = capture, plan, mats
         self.fill = fill  # (C, 1, 1) values written over the patch
         self.gm = capture.gm
+        device = fill.device
+        self.origins = {n: t.to(device) for n, t in plan.origin_tensors.items()}
+        self.read_origins = {s.node: s.read_origin.to(device) for s in plan.steps if s.kind == "window"}
+        self.zeros = torch.zeros(plan.positions, 2, dtype=torch.int64, device=device)
         # The stitch op reads the materialized tensors as (C, H, W); keep them contiguous once.
         self.mat3 = {n: v[0].contiguous() for n, v in mats.values.items()
                      if plan.states.get(n) == INC and isinstance(v, torch.Tensor) and v.dim() == 4}
@@ -135,12 +139,12 @@ class BatchRunner:
         return out
 
     def _origins(self, node, start, stop) -> torch.Tensor:
-        return self.plan.origin_tensors[node][start:stop]
+        return self.origins[node][start:stop]
 
     def _window(self, step: Step, patches, start, stop) -> torch.Tensor:
         x = step.inputs[0]
         window = ops.stitch(self.mat3[x], patches[x], self._origins(x, start, stop),
-                            step.read_origin[start:stop], step.read_size[0], step.read_size[1], step.pad_value)
+                            self.read_origins[step.node][start:stop], step.read_size[0], step.read_size[1], step.pad_value)
         spec = step.spec
         if spec.op == "conv":
             return F.conv2d(window, step.weight, step.bias, spec.stride, 0, spec.dilation, spec.groups)
@@ -164,8 +168,8 @@ class BatchRunner:
 
     def _project(self, node, patches, start, stop) -> torch.Tensor:
         _, _, h, w = self.mats.values[node].shape
-        zero = torch.zeros(stop - start, 2, dtype=torch.int64)
-        return ops.stitch(self.mat3[node], patches[node], self._origins(node, start, stop), zero, h, w, 0.0)
+        return ops.stitch(self.mat3[node], patches[node], self._origins(node, start, stop),
+                          self.zeros[start:stop], h, w, 0.0)
 
 
 class _BatchEnv(dict):

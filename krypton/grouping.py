@@ -17,7 +17,7 @@ import numpy as np
 # Candidate class boundaries, in pixels of distance from the border; the planner keeps the cheapest.
 CANDIDATE_BOUNDARIES_PX = ([], [32], [24, 48], [16, 32, 64], [20, 36, 60], [24, 48, 96], [12, 28, 48, 80])
 MIN_GROUP = 48  # smaller batches lose more to per-batch overhead than tighter windows win
-MIN_GAIN = 0.03  # each extra group must save at least this fraction of the work
+GROUP_OVERHEAD = 0.01  # fixed cost of one more group (extra batches, plan), as a fraction of all work
 
 
 def distance_classes(cells: int, stride: int, boundaries_px: list[int]) -> np.ndarray:
@@ -38,7 +38,8 @@ def groups_for(grid: tuple[int, int], stride: int, boundaries_px: list[int]) -> 
 def choose_groups(grid: tuple[int, int], stride: int, cost: Callable[[np.ndarray], float]) -> list[np.ndarray]:
     """The candidate grouping with the least total cost; `cost(indices)` is a group's work."""
     everything = np.arange(grid[0] * grid[1])
-    best, best_cost = [everything], cost(everything)
+    overhead = GROUP_OVERHEAD * cost(everything)
+    best, best_cost = [everything], cost(everything) + overhead
     seen = set()
     for boundaries in CANDIDATE_BOUNDARIES_PX[1:]:
         groups = groups_for(grid, stride, boundaries)
@@ -46,7 +47,7 @@ def choose_groups(grid: tuple[int, int], stride: int, cost: Callable[[np.ndarray
         if len(groups) < 2 or key in seen or min(len(g) for g in groups) < MIN_GROUP:
             continue
         seen.add(key)
-        total = sum(cost(g) for g in groups)
-        if total < best_cost * (1 - MIN_GAIN * (len(groups) - len(best))):
+        total = sum(cost(g) for g in groups) + overhead * len(groups)
+        if total < best_cost:
             best, best_cost = groups, total
     return best

@@ -324,7 +324,8 @@ class Explainer:
 
     def _naive_runner(self, plan: Plan, image: torch.Tensor, fill_t: torch.Tensor):
         """Batched full re-inference of every occluded image: the baseline, kept for verification."""
-        origins = torch.from_numpy(plan.origins)
+        origins = torch.from_numpy(plan.origins).to(image.device)
+        zeros = torch.zeros_like(origins)
         clean = image[0]
         p = plan.patch_size
 
@@ -332,8 +333,8 @@ class Explainer:
         def run(start, stop):
             b = stop - start
             patch = fill_t.expand(b, clean.shape[0], p, p).contiguous()
-            zero = torch.zeros(b, 2, dtype=torch.int64)
-            batch = ops.stitch(clean, patch, origins[start:stop], zero, clean.shape[1], clean.shape[2], 0.0)
+            batch = ops.stitch(clean, patch, origins[start:stop], zeros[start:stop], clean.shape[1],
+                               clean.shape[2], 0.0)
             return self.model(batch)
 
         return run
