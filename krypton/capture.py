@@ -177,7 +177,12 @@ class Capture:
         if isinstance(m, _DROPOUT_MODULES) and not m.training:
             return OpSpec("unary", [x], apply=_identity)
         if isinstance(m, _ELEMENTWISE_MODULES):
-            return OpSpec("unary", [x], apply=m, extra={"inplace": bool(getattr(m, "inplace", False))})
+            extra = {"inplace": bool(getattr(m, "inplace", False))}
+            if type(m) is nn.ReLU:
+                extra["inplace_fn"] = torch.relu_
+            elif type(m) is nn.ReLU6:
+                extra["inplace_fn"] = _relu6_
+            return OpSpec("unary", [x], apply=m, extra=extra)
         return None
 
     def _function_spec(self, node: fx.Node) -> OpSpec | None:
@@ -221,7 +226,10 @@ class Capture:
         if t in _ARITHMETIC:
             return self._arithmetic_spec(node, _OUT_OF_PLACE[t])
         if t in _ELEMENTWISE_FUNCTIONS:
-            return self._call_spec(node, lambda p, *a, **k: t(p, *a, **k))
+            spec = self._call_spec(node, lambda p, *a, **k: t(p, *a, **k))
+            if spec is not None and t in (F.relu, torch.relu) and len(args) == 1:
+                spec.extra["inplace_fn"] = torch.relu_
+            return spec
         return None
 
     def _method_spec(self, node: fx.Node) -> OpSpec | None:
@@ -301,3 +309,7 @@ class Capture:
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
+
+
+def _relu6_(x: torch.Tensor) -> torch.Tensor:
+    return F.hardtanh_(x, 0.0, 6.0)

@@ -24,6 +24,19 @@ class Materialized:
         self.values = values
         self.output = output
         self.nbytes = sum(_nbytes(v) for v in values.values())
+        self._planar: dict[tuple[fx.Node, bool], torch.Tensor] = {}
+
+    def planar(self, node: fx.Node, channels_last: bool) -> torch.Tensor:
+        """The node's activation as (C, H, W), laid out for the stitch op (HWC when channels_last).
+
+        Converted once per layout and kept: every group and batch of positions reads the same copy.
+        """
+        key = (node, channels_last)
+        if key not in self._planar:
+            value = self.values[node]
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            self._planar[key] = value.contiguous(memory_format=fmt)[0]
+        return self._planar[key]
 
 
 def _nbytes(value) -> int:
@@ -95,17 +108,20 @@ def _get_attr(gm: fx.GraphModule, target: str):
 class BatchRunner:
     """Runs a plan over slices of its positions against one set of materialized activations."""
 
-    def __init__(self, capture, plan: Plan, mats: Materialized, fill: torch.Tensor):
+    def __init__(self, capture, plan: Plan, mats: Materialized, fill: torch.Tensor, channels_last: bool = False):
         self.capture, self.plan, self.mats = capture, plan, mats
+        self.channels_last = channels_last
         self.fill = fill  # (C, 1, 1) values written over the patch
         self.gm = capture.gm
         device = fill.device
         self.origins = {n: t.to(device) for n, t in plan.origin_tensors.items()}
         self.read_origins = {s.node: s.read_origin.to(device) for s in plan.steps if s.kind == "window"}
         self.zeros = torch.zeros(plan.positions, 2, dtype=torch.int64, device=device)
-        # The stitch op reads the materialized tensors as (C, H, W); keep them contiguous once.
-        self.mat3 = {n: v[0].contiguous() for n, v in mats.values.items()
+        self.mat3 = {n: mats.planar(n, channels_last) for n, v in mats.values.items()
                      if plan.states.get(n) == INC and isinstance(v, torch.Tensor) and v.dim() == 4}
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.weights = {s.node: s.weight.contiguous(memory_format=fmt) for s in plan.steps if s.weight is not None}
+        self.format = fmt
 
     @torch.no_grad()
     def run(self, start: int, stop: int) -> torch.Tensor:
@@ -117,12 +133,16 @@ class BatchRunner:
             kind = step.kind
             if kind == "input":
                 c = plan.input_shape[1]
-                patches[step.node] = self.fill.expand(b, c, plan.patch_size, plan.patch_size).contiguous()
+                patches[step.node] = self.fill.expand(b, c, plan.patch_size, plan.patch_size).contiguous(
+                    memory_format=self.format)
             elif kind == "window":
                 patches[step.node] = self._window(step, patches, start, stop)
             elif kind == "unary":
                 p = patches[step.inputs[0]]
-                patches[step.node] = step.spec.apply(p.clone() if step.clone_input else p)
+                if step.inplace:
+                    patches[step.node] = step.spec.extra["inplace_fn"](p)
+                else:
+                    patches[step.node] = step.spec.apply(p.clone() if step.clone_input else p)
             elif kind in ("alias", "pad"):
                 patches[step.node] = patches[step.inputs[0]]
             elif kind in ("binary", "cat"):
@@ -147,7 +167,7 @@ class BatchRunner:
                             self.read_origins[step.node][start:stop], step.read_size[0], step.read_size[1], step.pad_value)
         spec = step.spec
         if spec.op == "conv":
-            return F.conv2d(window, step.weight, step.bias, spec.stride, 0, spec.dilation, spec.groups)
+            return F.conv2d(window, self.weights[step.node], step.bias, spec.stride, 0, spec.dilation, spec.groups)
         if spec.op == "max":
             return F.max_pool2d(window, spec.kernel, spec.stride, 0, spec.dilation)
         return F.avg_pool2d(window, spec.kernel, spec.stride, 0, False, True, spec.extra.get("divisor_override"))

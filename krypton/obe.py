@@ -199,6 +199,7 @@ class Explainer:
         self._plans = _LRU(max_plans)
         self._mats = _LRU(int(cache_bytes), weigh=lambda m: m.nbytes)
         self._groups: dict = {}
+        self.channels_last = False
 
     # ---- caches ---------------------------------------------------------------------------------
     def plan(self, input_shape, patch_size: int, stride: int, tau: float = 1.0, origins=None) -> Plan:
@@ -280,6 +281,7 @@ class Explainer:
                 stop = min(len(indices), start + batch)
                 logits = run(start, stop)
                 scores[indices[start:stop]] = torch.softmax(logits.double(), dim=1)[:, label].cpu()
+        theoretical = self.estimate(shape, patch_size, stride, tau).theoretical_speedup()
         t2 = time.perf_counter()
 
         grid = geo.grid_shape(h, w, patch_size, stride) if origins is None else (1, n)
@@ -291,7 +293,7 @@ class Explainer:
             timings_ms={"materialize": 0.0 if cache == "hit" else (t1 - t0) * 1e3, method: (t2 - t1) * 1e3,
                         "total": (t2 - t0) * 1e3},
             memory={"materialized_bytes": mats.nbytes, "peak_working_bytes": per_position * batch},
-            theoretical_speedup=self.estimate(shape, patch_size, stride, tau).theoretical_speedup(),
+            theoretical_speedup=theoretical,
             executed_speedup=full_macs / executed_macs if executed_macs else 1.0,
             groups=len(groups), cache=cache, tau=float(tau),
         )
@@ -320,7 +322,7 @@ class Explainer:
         return self.plan(input_shape, patch_size, stride, tau, geo.centre_origin(h, w, patch_size))
 
     def _incremental_runner(self, plan, mats, fill_t):
-        return BatchRunner(self.capture, plan, mats, fill_t).run
+        return BatchRunner(self.capture, plan, mats, fill_t, self.channels_last).run
 
     def _naive_runner(self, plan: Plan, image: torch.Tensor, fill_t: torch.Tensor):
         """Batched full re-inference of every occluded image: the baseline, kept for verification."""

@@ -60,6 +60,7 @@ class Step:
     weight: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     clone_input: bool = False
+    inplace: bool = False  # the input patch is owned by this step alone: update it in place
     stitch_inputs: list[bool] = field(default_factory=list)
     out_bytes: int = 0  # per position
     tmp_bytes: int = 0  # per position, freed when the step ends
@@ -149,6 +150,7 @@ class _Builder:
         self.layers: list[LayerCost] = []
         self.projected: set[fx.Node] = set()
         self.folded: dict[fx.Node, fx.Node] = {}  # batch-norm node -> conv node folded into it
+        self._step_of: dict[fx.Node, Step] = {}  # incremental node -> the step that makes its patch
 
     # ---- helpers --------------------------------------------------------------------------------
     def _spatial(self, node) -> tuple[int, int] | None:
@@ -168,6 +170,7 @@ class _Builder:
             self.steps.append(Step("project", node, out_bytes=self._numel1(node) * self.elem))
 
     def _set_inc(self, node, rect: Rect, step: Step):
+        self._step_of[node] = step
         self.states[node] = INC
         self.rects[node] = rect
         step.out_bytes = self._patch_bytes(node, rect)
@@ -318,12 +321,27 @@ class _Builder:
         if node in self.folded:
             self.states[node] = INC
             self.rects[node] = self.rects[self.folded[node]]
-            self.steps.append(Step("alias", node, [self.folded[node]]))
+            step = Step("alias", node, [self.folded[node]])
+            self._step_of[node] = step
+            self.steps.append(step)
             return True
         step = Step("unary", node, [x], spec)
         step.clone_input = bool(spec.extra.get("inplace")) and len(x.users) > 1
+        step.inplace = "inplace_fn" in spec.extra and self._exclusive(x)
         self._set_inc(node, self.rects[x], step)
         return True
+
+    def _exclusive(self, node) -> bool:
+        """True when no other node can see `node`'s patch tensor (following aliases back to its maker)."""
+        while True:
+            if len(node.users) != 1 or self.states.get(node) != INC:
+                return False
+            step = self._step_of.get(node)
+            if step is None or step.kind == "input":
+                return step is not None
+            if step.kind not in ("alias", "pad", "unary"):
+                return True
+            node = step.inputs[0]
 
     def _binary(self, node, spec: OpSpec) -> bool:
         a, b = spec.inputs
