@@ -1,0 +1,274 @@
+"""Approximate OBE (SIGMOD'19 §4): mode resolution, tau from a target SSIM, and adaptive drill-down.
+
+Projective-field thresholding itself lives in geometry.py / plan.py (`tau`); this module decides which
+tau a request gets and orchestrates the two-stage drill-down on top of Explainer.explain.
+
+Drill-down, precisely
+---------------------
+- Stage 1: the full grid at the coarse stride S1 (patch corners (a*S1, b*S1)), same patch, fill, tau.
+- Mapping a stage-2 cell to stage 1: cell (i, j) of the requested grid has its patch corner at
+  (i*S2, j*S2). Its *coarse value* is the stage-1 map bilinearly interpolated at that corner, in units
+  of S1 (u = i*S2 / S1, v = j*S2 / S1), clamped to the stage-1 grid at the borders. A cell whose corner
+  coincides with a stage-1 corner gets that stage-1 value exactly.
+- Selection: the k = ceil(r * N2) cells with the largest drops (clean probability - coarse value, i.e.
+  the lowest coarse values) are refined; ties go to the lower row-major index (a stable sort).
+- Stage 2 runs only those k positions at stride S2 (Explainer.explain(origins=...), in row-major order)
+  against the materialized activations of stage 1 (the Explainer's activation cache: "hit").
+- Merge: the heatmap on the stage-2 grid holds the stage-2 value at refined cells and the coarse value
+  everywhere else. With r = 1 every cell is refined and the map equals the full map at S2 bit for bit.
+- S1: given (`s1`), or from r and a target speedup by eq. 29, S1 = sqrt(t / (1 - r t)) * S2, rounded UP
+  to a multiple of S2 (stage-1 corners are then stage-2 corners, and eq. 28 gives at least t), at most
+  the largest multiple of S2 <= min(H, W). The target must satisfy eq. 30 (t < min(W^2 / (S2^2 +
+  r W^2), 1/r), W = min(H, W), the largest stride) and t >= 1 / (1 + r) (S1 >= S2). The estimated
+  speedup reported is eq. 28 with the integer S1, S1^2 / (S2^2 + r S1^2); the ratio of positions actually
+  run, N2 / (N1 + k), is reported next to it.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import geometry as geo
+from . import tuning as tun
+
+MODES = ("exact", "approximate")
+DEFAULT_R = 0.25
+DEFAULT_TARGET_SPEEDUP = 3.0
+DRILLDOWN_KEYS = ("r", "target_speedup", "s1")
+
+
+# ---- eq. 28-30 ----------------------------------------------------------------------------------------
+def drilldown_speedup(s1: float, s2: float, r: float) -> float:
+    """Eq. 28: speedup of drill-down over the full grid at S2 (both at the same tau)."""
+    return s1 * s1 / (s2 * s2 + r * s1 * s1)
+
+
+def max_drilldown_speedup(width: int, s2: int, r: float) -> float:
+    """Eq. 30: the speedup must stay below min(W^2 / (S2^2 + r W^2), 1 / r)."""
+    return min(width * width / (s2 * s2 + r * width * width), 1.0 / r)
+
+
+def s1_for_speedup(r: float, target: float, s2: int) -> float:
+    """Eq. 29: S1 = sqrt(target / (1 - r * target)) * S2 (real-valued)."""
+    return math.sqrt(target / (1.0 - r * target)) * s2
+
+
+def _number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"drilldown {name}={value!r} must be a finite number")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class DrillDown:
+    r: float
+    s1: int
+    s2: int
+    target_speedup: float | None
+    s1_source: str  # "eq29" or "given"
+
+    @property
+    def estimated_speedup(self) -> float:
+        return drilldown_speedup(self.s1, self.s2, self.r)
+
+    def to_dict(self) -> dict:
+        return {"r": self.r, "s1": self.s1, "s2": self.s2, "target_speedup": self.target_speedup,
+                "s1_source": self.s1_source, "estimated_speedup": self.estimated_speedup}
+
+
+def resolve_drilldown(spec, height: int, width: int, patch_size: int, stride: int) -> DrillDown | None:
+    """Validate a drill-down request (None/False: off; True or {}: defaults; dict with r, target_speedup
+    or s1) against the image and the requested stride S2. Raises ValueError naming the parameter."""
+    if spec is None or spec is False:
+        return None
+    if spec is True:
+        spec = {}
+    if isinstance(spec, DrillDown):
+        spec = {"r": spec.r, "s1": spec.s1}
+    if not isinstance(spec, dict):
+        raise ValueError(f"drilldown={spec!r} must be a dict with keys {', '.join(DRILLDOWN_KEYS)} (or true)")
+    unknown = sorted(set(spec) - set(DRILLDOWN_KEYS))
+    if unknown:
+        raise ValueError(f"drilldown: unknown key(s) {unknown}; allowed {list(DRILLDOWN_KEYS)}")
+    geo.grid_shape(height, width, patch_size, stride)
+    s2 = stride
+    r = _number("r", spec.get("r", DEFAULT_R))
+    if not 0.0 < r <= 1.0:
+        raise ValueError(f"drilldown r={r!r} is out of range: allowed (0, 1]")
+    limit = min(height, width)  # the largest stride grid_shape accepts: W of eq. 30
+    if spec.get("s1") is not None:
+        if spec.get("target_speedup") is not None:
+            raise ValueError("drilldown: give target_speedup or s1, not both")
+        s1 = spec["s1"]
+        if isinstance(s1, bool) or not isinstance(s1, (int, np.integer)) or not s2 <= s1 <= limit:
+            raise ValueError(f"drilldown s1={s1!r} is out of range: allowed integers {s2}..{limit} "
+                             f"(the stage-2 stride {s2} up to the image side {limit})")
+        return DrillDown(r, int(s1), s2, None, "given")
+    target = _number("target_speedup", spec.get("target_speedup", DEFAULT_TARGET_SPEEDUP))
+    lo, hi = 1.0 / (1.0 + r), max_drilldown_speedup(limit, s2, r)
+    if not lo <= target < hi:
+        raise ValueError(f"drilldown target_speedup={target:g} is out of range: allowed [{lo:.4g}, {hi:.4g}) "
+                         f"for r={r:g}, stride={s2} and a {height}x{width} image (eq. 30: below "
+                         f"min(W^2/(S2^2 + r W^2), 1/r), W={limit}; at least 1/(1+r), where S1 = S2)")
+    # Round S1 up to a multiple of S2: every stage-1 corner is then a stage-2 corner (its value is exact in
+    # the merged map) and eq. 28 gives at least the target; never past the largest stride.
+    s1 = s2 * math.ceil(s1_for_speedup(r, target, s2) / s2 - 1e-9)
+    if s1 > limit:
+        s1 = max(s2, (limit // s2) * s2)
+    return DrillDown(r, int(s1), s2, target, "eq29")
+
+
+# ---- stage-1 -> stage-2 mapping --------------------------------------------------------------------------
+def _axis_weights(n2: int, s2: int, n1: int, s1: int):
+    pos = np.clip(np.arange(n2, dtype=np.float64) * s2 / s1, 0.0, n1 - 1)
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, n1 - 1)
+    return lo, hi, pos - lo
+
+
+def coarse_to_fine(coarse: np.ndarray, s1: int, fine_shape: tuple[int, int], s2: int) -> np.ndarray:
+    """Bilinear interpolation of the stage-1 map (corners a*S1) at the stage-2 corners (i*S2), clamped."""
+    coarse = np.asarray(coarse, dtype=np.float64)
+    y0, y1, wy = _axis_weights(fine_shape[0], s2, coarse.shape[0], s1)
+    x0, x1, wx = _axis_weights(fine_shape[1], s2, coarse.shape[1], s1)
+    wy, wx = wy[:, None], wx[None, :]
+    return ((1 - wy) * (1 - wx) * coarse[np.ix_(y0, x0)] + (1 - wy) * wx * coarse[np.ix_(y0, x1)]
+            + wy * (1 - wx) * coarse[np.ix_(y1, x0)] + wy * wx * coarse[np.ix_(y1, x1)])
+
+
+def select_refined(coarse_fine: np.ndarray, probability: float, r: float) -> np.ndarray:
+    """Boolean mask of the ceil(r * N) cells with the largest drops (ties: lower row-major index first)."""
+    drop = (probability - np.asarray(coarse_fine, dtype=np.float64)).ravel()
+    k = min(drop.size, max(1, math.ceil(r * drop.size - 1e-9)))
+    order = np.argsort(-drop, kind="stable")
+    mask = np.zeros(drop.size, dtype=bool)
+    mask[order[:k]] = True
+    return mask.reshape(np.shape(coarse_fine))
+
+
+def refined_mask(explanation) -> torch.Tensor:
+    """The refined cells of a drill-down Explanation as a bool tensor on its heatmap grid."""
+    dd = explanation.extra.get("drilldown")
+    if dd is None:
+        raise ValueError("this explanation did not use drill-down")
+    mask = torch.zeros(explanation.heatmap.shape, dtype=torch.bool)
+    cells = torch.as_tensor(dd["refined"], dtype=torch.int64).reshape(-1, 2)
+    mask[cells[:, 0], cells[:, 1]] = True
+    return mask
+
+
+# ---- tau and mode resolution -----------------------------------------------------------------------------
+def resolve(explainer, tau=1.0, target_ssim=None, drilldown=None, mode=None) -> tuple[float, dict, object]:
+    """Turn (tau, target_ssim, drilldown, mode) into (tau, report, drilldown spec).
+
+    - mode="exact": tau 1, no drill-down; an explicit tau < 1, target_ssim or drilldown is an error.
+    - mode="approximate": tau = the given tau if < 1, else the model's tuned tau for target_ssim (default
+      0.9); drill-down with r = 0.25, target speedup 3 unless `drilldown` says otherwise (False: off).
+    - no mode: tau as given (1.0 = exact) or from target_ssim; drill-down only if asked for.
+    tau = 1.0 counts as "not given" (it is the default).
+    """
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not allowed: use one of {', '.join(MODES)}")
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 < tau <= 1.0:
+        raise ValueError(f"tau={tau!r} is out of range: allowed (0, 1]")
+    tau = float(tau)
+    if mode == "exact":
+        for name, value, bad in (("tau", tau, tau < 1.0), ("target_ssim", target_ssim, target_ssim is not None),
+                                 ("drilldown", drilldown, drilldown not in (None, False))):
+            if bad:
+                raise ValueError(f"{name}={value!r} contradicts mode='exact' (which means tau=1 and no drill-down)")
+        return 1.0, {"mode": "exact", "tau": 1.0, "tau_source": "exact"}, None
+    if target_ssim is not None and tau < 1.0:
+        raise ValueError(f"give tau or target_ssim, not both (got tau={tau:g}, target_ssim={target_ssim!r})")
+    report = {"mode": mode or ("approximate" if tau < 1.0 or target_ssim is not None or drilldown else "exact")}
+    if tau < 1.0:
+        report.update(tau=tau, tau_source="given")
+    elif target_ssim is not None or mode == "approximate":
+        target = tun.check_target_ssim(tun.DEFAULT_TARGET_SSIM if target_ssim is None else target_ssim)
+        tuning = getattr(explainer, "tuning", None) or tun.tuning_for(explainer.model)
+        report.update(tuning.describe(target))
+        tau = report["tau"]
+    else:
+        report.update(tau=1.0, tau_source="exact")
+    if mode == "approximate" and drilldown is None:
+        drilldown = True
+    return tau, report, drilldown
+
+
+def explain_approximate(explainer, image, patch_size: int = 16, stride: int = 4, tau=1.0, target_ssim=None,
+                        drilldown=None, mode=None, progress=None, origins=None, **options):
+    """Explainer.explain with mode / target_ssim / drilldown resolved; see the module docstring.
+
+    `progress(stage, explanation)` is called with stage "coarse" and the stage-1 map (interpolated to the
+    stage-2 grid) before stage 2 runs, so a server can stream it.
+    """
+    t0 = time.perf_counter()
+    tau, report, dd_spec = resolve(explainer, tau, target_ssim, drilldown, mode)
+    shape = tuple(image.shape[-3:])
+    h, w = int(shape[-2]), int(shape[-1])
+    dd = resolve_drilldown(dd_spec, h, w, patch_size, stride)
+    if dd is not None and origins is not None:
+        raise ValueError("drilldown and origins cannot be combined: drill-down chooses its own positions")
+    if dd is None:
+        exp = explainer.explain(image, patch_size=patch_size, stride=stride, tau=tau, origins=origins, **options)
+        report["estimated_speedup"] = _tau_speedup(explainer, exp, patch_size, stride, tau)
+        exp.extra["approximation"] = report
+        return exp
+    return _drilldown(explainer, image, patch_size, dd, tau, report, progress, t0, options)
+
+
+def _tau_speedup(explainer, exp, patch_size, stride, tau) -> float:
+    """Theoretical speedup of tau over exact incremental inference (conv MACs, patch at the centre)."""
+    if tau >= 1.0:
+        return 1.0
+    shape = (1, len(exp.fill)) + tuple(exp.image_shape)
+    exact = explainer.estimate(shape, patch_size, stride, 1.0).theoretical_speedup()
+    return float(exp.theoretical_speedup / exact)
+
+
+def _drilldown(explainer, image, patch_size, dd: DrillDown, tau, report, progress, t0, options):
+    options = dict(options)
+    stage1 = explainer.explain(image, patch_size=patch_size, stride=dd.s1, tau=tau, **options)
+    h, w = stage1.image_shape
+    fine_shape = geo.grid_shape(h, w, patch_size, dd.s2)
+    coarse = coarse_to_fine(stage1.heatmap.double().numpy(), dd.s1, fine_shape, dd.s2)
+    mask = select_refined(coarse, stage1.probability, dd.r)
+    cells = np.argwhere(mask)  # row-major
+    t1 = time.perf_counter()
+    info = {**dd.to_dict(), "positions": {"stage1": stage1.positions, "stage2": int(len(cells)),
+                                          "full": int(mask.size)},
+            "stage1_heatmap": stage1.heatmap.tolist()}
+    info["position_speedup"] = mask.size / (stage1.positions + len(cells))
+    if progress is not None:
+        coarse_exp = _with(stage1, heatmap=torch.from_numpy(coarse).to(stage1.heatmap.dtype), stride=dd.s2,
+                           extra={**stage1.extra, "stage": "coarse", "drilldown": dict(info),
+                                  "approximation": dict(report)})
+        progress("coarse", coarse_exp)
+    options["target"] = stage1.label  # stage 2 explains the same label
+    stage2 = explainer.explain(image, patch_size=patch_size, stride=dd.s2, tau=tau,
+                               origins=cells * dd.s2, **options)
+    merged = torch.from_numpy(coarse).to(stage2.heatmap.dtype)
+    merged[torch.from_numpy(mask)] = stage2.heatmap.reshape(-1)
+    t2 = time.perf_counter()
+    info.update(refined=cells.tolist(), stage2_cache=stage2.cache)
+    tau_speedup = _tau_speedup(explainer, stage2, patch_size, dd.s2, tau)
+    report.update(estimated_speedup=dd.estimated_speedup * tau_speedup, tau_speedup=tau_speedup,
+                  drilldown_speedup=dd.estimated_speedup)
+    timings = {"materialize": stage1.timings_ms.get("materialize", 0.0) + stage2.timings_ms.get("materialize", 0.0),
+               "stage1": stage1.timings_ms.get("total", 0.0), "stage2": stage2.timings_ms.get("total", 0.0),
+               "select": (t1 - t0) * 1e3 - stage1.timings_ms.get("total", 0.0), "total": (t2 - t0) * 1e3}
+    return _with(stage2, heatmap=merged, stride=dd.s2, timings_ms=timings, cache=stage1.cache,
+                 batch_size=max(stage1.batch_size, stage2.batch_size),
+                 memory={k: max(stage1.memory.get(k, 0), stage2.memory.get(k, 0))
+                         for k in set(stage1.memory) | set(stage2.memory)},
+                 extra={**stage2.extra, "drilldown": info, "approximation": report})
+
+
+def _with(exp, **changes):
+    from dataclasses import replace
+
+    return replace(exp, **changes)

@@ -1,0 +1,326 @@
+"""Approximate OBE: tau on the product models, drill-down (eq. 28-30), mode resolution and tau tuning."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import krypton
+from krypton import approx, tuning
+from krypton.models import build_model
+from nets import NETS, randomize_batchnorm
+
+
+def _net(name="branchy", dtype=torch.float32):
+    torch.manual_seed(0)
+    return randomize_batchnorm(NETS[name]()).to(dtype).eval()
+
+
+# ---- tau ---------------------------------------------------------------------------------------------------
+def test_tau_one_is_exact_bit_for_bit():
+    model = _net("strided")
+    image = torch.randn(3, 29, 31, generator=torch.Generator().manual_seed(1))
+    plain = krypton.Explainer(model).explain(image, patch_size=5, stride=3)
+    for options in ({"tau": 1.0}, {"mode": "exact"}, {"tau": 1}):
+        other = krypton.Explainer(model).explain(image, patch_size=5, stride=3, **options)
+        assert torch.equal(plain.heatmap, other.heatmap), options
+    naive = krypton.Explainer(model).explain(image, patch_size=5, stride=3, method="naive")
+    assert (plain.heatmap - naive.heatmap).abs().max().item() <= 1e-4
+
+
+# (model, input size, patch, stride): small inputs and a coarse grid keep this fast.
+MODELS = [("vgg16", 40, 8, 8), ("resnet18", 48, 8, 8), ("inception_v3", 83, 16, 16), ("efficientnet_lite0", 48, 8, 8)]
+
+
+@pytest.mark.parametrize("name, size, patch, stride", MODELS, ids=[m[0] for m in MODELS])
+def test_tau_below_one_runs_on_every_product_model(name, size, patch, stride):
+    torch.manual_seed(0)
+    model = build_model(name)
+    if name != "efficientnet_lite0":
+        randomize_batchnorm(model)
+    explainer = krypton.Explainer(model.eval())
+    image = torch.randn(3, size, size, generator=torch.Generator().manual_seed(2))
+    exact = explainer.explain(image, patch_size=patch, stride=stride)
+    approximate = explainer.explain(image, patch_size=patch, stride=stride, tau=0.4)
+    assert approximate.heatmap.shape == exact.heatmap.shape and approximate.tau == 0.4
+    assert torch.isfinite(approximate.heatmap).all()
+    assert ((approximate.heatmap >= 0) & (approximate.heatmap <= 1)).all()
+    assert approximate.theoretical_speedup > exact.theoretical_speedup  # the cap really applied
+
+
+def test_estimate_speedup_rises_as_tau_falls():
+    model = build_model("resnet18")
+    speedups = [krypton.estimate_speedup(model, (1, 3, 96, 96), 16, 4, tau).speedup
+                for tau in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)]
+    assert all(b >= a - 1e-9 for a, b in zip(speedups, speedups[1:])), speedups
+    assert speedups[-1] > 2 * speedups[0]
+
+
+# ---- drill-down: eq. 28-30 ----------------------------------------------------------------------------------
+def test_eq29_defaults_and_eq28_estimate():
+    dd = approx.resolve_drilldown({}, 224, 224, 16, 4)
+    # S1 = sqrt(3 / (1 - 0.25 * 3)) * 4 = 13.86 -> 16 (up to a multiple of S2); eq. 28: 256 / (16 + 64) = 3.2
+    assert (dd.r, dd.s1, dd.s2, dd.target_speedup, dd.s1_source) == (0.25, 16, 4, 3.0, "eq29")
+    assert dd.estimated_speedup == pytest.approx(3.2)
+    # S2 = 8: 27.7 -> 32; a target that lands exactly on a multiple keeps it (t = 2, r = 0.25: S1 = 2 S2).
+    assert approx.resolve_drilldown({}, 224, 224, 16, 8).s1 == 32
+    assert approx.resolve_drilldown({"target_speedup": 2.0}, 224, 224, 16, 8).s1 == 16
+    # Past the image side: the largest multiple of S2 that fits (eq. 28 then falls short of the target).
+    assert approx.resolve_drilldown({"target_speedup": 3.4}, 24, 30, 8, 5).s1 == 20  # 23.8 -> 25 > 24
+    assert approx.s1_for_speedup(0.25, 3.0, 4) == pytest.approx(math.sqrt(12) * 4)
+    assert approx.resolve_drilldown({"r": 0.5, "s1": 8}, 64, 64, 8, 4).estimated_speedup == pytest.approx(64 / 48)
+    assert approx.resolve_drilldown(None, 64, 64, 8, 4) is None
+    assert approx.resolve_drilldown(False, 64, 64, 8, 4) is None
+    assert approx.resolve_drilldown(True, 224, 224, 16, 4) == dd
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"r": 0.25, "target_speedup": 4.0}, r"target_speedup=4 is out of range: allowed \[0.8, 3.9"),
+    ({"r": 0.5, "target_speedup": 0.5}, r"target_speedup=0.5 is out of range: allowed \[0.6667, 1.99"),
+    ({"r": 0.0}, r"r=0.0 is out of range: allowed \(0, 1\]"),
+    ({"r": 1.5}, r"r=1.5 is out of range"),
+    ({"r": "a lot"}, r"r='a lot' must be a finite number"),
+    ({"s1": 2}, r"s1=2 is out of range: allowed integers 4..224"),
+    ({"s1": 300}, r"s1=300 is out of range"),
+    ({"s1": 8.0}, r"s1=8.0 is out of range"),
+    ({"s1": 8, "target_speedup": 2}, "not both"),
+    ({"speedup": 2}, r"unknown key\(s\) \['speedup'\]"),
+    ("fast", "must be a dict"),
+])
+def test_drilldown_errors_name_parameter_value_and_range(spec, message):
+    with pytest.raises(ValueError, match=message):
+        approx.resolve_drilldown(spec, 224, 224, 16, 4)
+
+
+def test_eq30_bound_uses_the_image_size():
+    # W = 24, S2 = 4, r = 0.25: W^2 / (S2^2 + r W^2) = 576 / 160 = 3.6 < 1 / r = 4.
+    assert approx.max_drilldown_speedup(24, 4, 0.25) == pytest.approx(3.6)
+    approx.resolve_drilldown({"target_speedup": 3.5}, 24, 30, 8, 4)
+    with pytest.raises(ValueError, match=r"target_speedup=3.7 is out of range: allowed \[0.8, 3.6\)"):
+        approx.resolve_drilldown({"target_speedup": 3.7}, 24, 30, 8, 4)
+
+
+# ---- drill-down: mapping, selection, merge -------------------------------------------------------------------
+def test_coarse_to_fine_is_bilinear_in_corner_coordinates():
+    coarse = np.arange(12, dtype=np.float64).reshape(3, 4)
+    fine = approx.coarse_to_fine(coarse, 4, (7, 9), 2)  # stage-2 corner i*2 = stage-1 index i/2
+    for i in range(7):
+        for j in range(9):
+            u, v = min(i * 2 / 4, 2), min(j * 2 / 4, 3)
+            a, b = int(math.floor(u)), int(math.floor(v))
+            a1, b1 = min(a + 1, 2), min(b + 1, 3)
+            fu, fv = u - a, v - b
+            want = ((1 - fu) * (1 - fv) * coarse[a, b] + (1 - fu) * fv * coarse[a, b1]
+                    + fu * (1 - fv) * coarse[a1, b] + fu * fv * coarse[a1, b1])
+            assert fine[i, j] == pytest.approx(want)
+    assert np.array_equal(fine[::2, ::2][:3, :4], coarse)  # coinciding corners keep the stage-1 value
+    assert np.array_equal(approx.coarse_to_fine(coarse, 3, (3, 4), 3), coarse)
+
+
+def test_select_refined_takes_the_largest_drops_with_stable_ties():
+    values = np.array([[0.9, 0.1, 0.5], [0.1, 0.7, 0.3]])
+    mask = approx.select_refined(values, 0.95, 0.5)  # 3 of 6 cells: 0.1, 0.1 (row-major order), 0.3
+    assert mask.tolist() == [[False, True, False], [True, False, True]]
+    mask = approx.select_refined(values, 0.95, 0.2)  # ceil(1.2) = 2
+    assert mask.sum() == 2 and mask[0, 1] and mask[1, 0]
+    assert approx.select_refined(values, 0.95, 1.0).all()
+
+
+def test_drilldown_with_r_one_equals_the_full_map_bit_for_bit():
+    model = _net("branchy")
+    image = torch.randn(3, 32, 30, generator=torch.Generator().manual_seed(3))
+    explainer = krypton.Explainer(model)
+    full = explainer.explain(image, patch_size=4, stride=2)
+    for tau in (1.0, 0.5):
+        full_tau = explainer.explain(image, patch_size=4, stride=2, tau=tau)
+        dd = explainer.explain(image, patch_size=4, stride=2, tau=tau, drilldown={"r": 1.0, "s1": 6})
+        assert torch.equal(dd.heatmap, full_tau.heatmap), tau
+        assert krypton.refined_mask(dd).all()
+        assert dd.extra["drilldown"]["positions"]["stage2"] == full.heatmap.numel()
+
+
+def test_drilldown_refines_exactly_the_top_r_cells_and_merges():
+    model = _net("strided")
+    image = torch.randn(3, 40, 36, generator=torch.Generator().manual_seed(4))
+    explainer = krypton.Explainer(model)
+    events = []
+    dd = explainer.explain(image, patch_size=6, stride=2, drilldown={"r": 0.2, "s1": 5},
+                           progress=lambda stage, e: events.append((stage, e)))
+    fine_shape = krypton.grid_shape(40, 36, 6, 2)
+    assert dd.heatmap.shape == fine_shape and dd.stride == 2
+
+    stage1 = explainer.explain(image, patch_size=6, stride=5)
+    coarse = approx.coarse_to_fine(stage1.heatmap.double().numpy(), 5, fine_shape, 2)
+    k = math.ceil(0.2 * coarse.size)
+    drops = stage1.probability - coarse.ravel()
+    order = sorted(range(coarse.size), key=lambda i: (-drops[i], i))
+    want = np.zeros(coarse.size, dtype=bool)
+    want[order[:k]] = True
+    mask = krypton.refined_mask(dd).numpy()
+    assert mask.sum() == k and np.array_equal(mask.ravel(), want)
+
+    info = dd.extra["drilldown"]
+    assert info["positions"] == {"stage1": stage1.positions, "stage2": k, "full": coarse.size}
+    assert info["stage2_cache"] == "hit" and info["s1"] == 5 and info["s1_source"] == "given"
+    refined = np.array(info["refined"])
+    exact = explainer.explain(image, patch_size=6, stride=2, origins=refined * 2)
+    merged = dd.heatmap.double().numpy()
+    assert np.allclose(merged[mask], exact.heatmap.double().numpy().ravel(), atol=1e-6)
+    assert np.allclose(merged[~mask], coarse[~mask], atol=1e-6)
+    full = explainer.explain(image, patch_size=6, stride=2)
+    assert np.allclose(merged[mask], full.heatmap.double().numpy()[mask], atol=1e-5)
+    # The coarse map went out first, on the stage-2 grid.
+    assert [s for s, _ in events] == ["coarse"]
+    assert events[0][1].heatmap.shape == fine_shape
+    assert np.allclose(events[0][1].heatmap.double().numpy(), coarse, atol=1e-6)
+
+
+def test_drilldown_response_is_json_and_reports_what_was_used():
+    model = _net("branchy")
+    image = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(5))
+    exp = krypton.Explainer(model).explain(image, patch_size=4, stride=2, drilldown={"r": 0.3, "target_speedup": 2.0})
+    body = json.loads(json.dumps(exp.to_dict()))
+    dd = body["drilldown"]
+    assert dd["r"] == 0.3 and dd["target_speedup"] == 2.0 and dd["s1_source"] == "eq29"
+    assert dd["s1"] == 2 * math.ceil(math.sqrt(2.0 / 0.4))  # eq. 29: 4.47 -> 6, a multiple of S2 = 2
+    assert dd["estimated_speedup"] == pytest.approx(approx.drilldown_speedup(dd["s1"], 2, 0.3))
+    assert len(dd["refined"]) == dd["positions"]["stage2"] == math.ceil(0.3 * exp.heatmap.numel())
+    assert body["approximation"]["tau"] == 1.0 and body["approximation"]["estimated_speedup"] > 1
+    assert set(body["timings_ms"]) >= {"stage1", "stage2", "total"}
+
+
+def test_drilldown_rejects_explicit_origins():
+    with pytest.raises(ValueError, match="origins"):
+        krypton.Explainer(_net()).explain(torch.randn(3, 16, 16), patch_size=4, stride=2, drilldown=True,
+                                          origins=[[0, 0]])
+
+
+# ---- mode / target_ssim resolution ------------------------------------------------------------------------------
+class _Named(torch.nn.Module):
+    def __init__(self, name):
+        super().__init__()
+        self.inner = _net("strided")
+        self.krypton_name = name
+        self.eval()
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_approximate_mode_uses_paper_taus_for_untuned_architectures():
+    image = torch.randn(3, 24, 24, generator=torch.Generator().manual_seed(6))
+    for name, tau, source in (("vgg16", 0.5, "paper"), ("resnet18", 0.7, "paper"), ("inception_v3", 0.9, "paper"),
+                              ("mystery", 0.9, "default")):
+        exp = krypton.Explainer(_Named(name)).explain(image, patch_size=4, stride=2, mode="approximate")
+        report = exp.extra["approximation"]
+        assert (exp.tau, report["tau_source"], report["mode"]) == (tau, source, "approximate"), name
+        assert exp.extra["drilldown"]["r"] == 0.25 and exp.extra["drilldown"]["target_speedup"] == 3.0
+    exp = krypton.Explainer(_Named("vgg16")).explain(image, patch_size=4, stride=2, target_ssim=0.95)
+    assert exp.tau == 1.0 and "drilldown" not in exp.extra  # no data above the paper's 0.9: exact
+
+
+def test_mode_conflicts_are_value_errors():
+    explainer = krypton.Explainer(_net())
+    image = torch.randn(3, 16, 16)
+    for options, message in (({"mode": "exact", "tau": 0.5}, "tau=0.5 contradicts mode='exact'"),
+                             ({"mode": "exact", "drilldown": True}, "drilldown=True contradicts"),
+                             ({"mode": "fast"}, "mode='fast' is not allowed"),
+                             ({"tau": 0.5, "target_ssim": 0.9}, "not both"),
+                             ({"target_ssim": 1.5}, r"target_ssim=1.5 is out of range: allowed \(0, 1\]"),
+                             ({"target_ssim": 0.0}, "target_ssim=0.0")):
+        with pytest.raises(ValueError, match=message):
+            explainer.explain(image, patch_size=4, stride=2, **options)
+
+
+def test_explicit_tau_wins_in_approximate_mode():
+    exp = krypton.Explainer(_Named("vgg16")).explain(torch.randn(3, 24, 24), patch_size=4, stride=2,
+                                                     mode="approximate", tau=0.6, drilldown=False)
+    assert exp.tau == 0.6 and exp.extra["approximation"]["tau_source"] == "given" and "drilldown" not in exp.extra
+
+
+# ---- SSIM and tuning --------------------------------------------------------------------------------------------
+def test_ssim_is_skimage_with_the_documented_settings():
+    from skimage.metrics import structural_similarity
+
+    rng = np.random.default_rng(0)
+    a = rng.random((27, 27))
+    b = np.clip(a + rng.normal(0, 0.05, a.shape), 0, 1)
+    rng_ab = max(a.max(), b.max()) - min(a.min(), b.min())
+    assert krypton.heatmap_ssim(a, b) == pytest.approx(structural_similarity(a, b, data_range=rng_ab, win_size=7))
+    assert krypton.heatmap_ssim(torch.from_numpy(a), torch.from_numpy(a)) == 1.0
+    assert krypton.heatmap_ssim(np.full((5, 5), 0.3), np.full((5, 5), 0.3)) == 1.0
+    assert tuning.ssim_win_size((5, 9)) == 5 and tuning.ssim_win_size((4, 9)) == 3 and tuning.ssim_win_size((52, 52)) == 7
+    with pytest.raises(ValueError, match="too small for SSIM"):
+        krypton.heatmap_ssim(np.zeros((2, 5)), np.zeros((2, 5)))
+
+
+def _synthetic(taus, curve):
+    ssim = {f"img{i}": [curve(t) + d for t in taus] for i, d in enumerate((-0.01, 0.0, 0.01))}
+    return tuning.Tuning("m", "tuned", list(taus), ssim, tuning.fit(taus, list(ssim.values())))
+
+
+def test_fit_and_lookup_rules():
+    taus = list(tuning.TAUS)
+    t = _synthetic(taus, lambda x: 1 - 2.0 * (1 - x) ** 2)  # exactly a parabola: 0.98 at 0.9, 0.5 at 0.5
+    assert t.coefficients == pytest.approx([-2.0, 4.0, -1.0], abs=1e-9)
+    assert t.tau_for(0.9) == 0.8  # 0.92 at 0.8, 0.82 at 0.7
+    assert t.tau_for(0.5) == 0.5 and t.tau_for(0.1) == 0.4  # never below 0.4
+    assert t.tau_for(0.999) == 1.0  # only the exact map meets it
+    back = tuning.Tuning.from_json(json.loads(json.dumps(t.to_json())))
+    assert back.tau_for(0.9) == 0.8 and back.coefficients == pytest.approx(t.coefficients)
+    # A measured mean below the target vetoes a tau the fit would allow, and so does any larger tau failing.
+    bumpy = tuning.Tuning("m", "tuned", taus, {"a": [1.0, 0.85, 0.95, 0.95, 0.95, 0.95, 0.95]},
+                          [0.0, 0.0, 0.95])
+    assert bumpy.tau_for(0.9) == 1.0
+    with pytest.raises(ValueError, match="target_ssim"):
+        t.tau_for(2)
+
+
+def test_tuning_files_are_found_by_name_and_malformed_ones_rejected(tmp_path):
+    _synthetic(list(tuning.TAUS), lambda x: x).save(tmp_path / "mine.json")
+    found = tuning.tuning_for("mine", directory=tmp_path)
+    assert found.source == "tuned" and found.path.endswith("mine.json")
+    assert tuning.tuning_for("vgg16", directory=tmp_path).source == "paper"
+    (tmp_path / "bad.json").write_text('{"taus": [1.0], "ssim": {"a": [1.0, 2.0]}, "fit": {"coefficients": [1]}}')
+    with pytest.raises(ValueError, match="malformed"):
+        tuning.tuning_for("bad", directory=tmp_path)
+
+
+def test_shipped_efficientnet_tuning_meets_its_targets():
+    t = tuning.tuning_for("efficientnet_lite0")
+    if t.source != "tuned":
+        pytest.skip("krypton/tuned/efficientnet_lite0.json is not there")
+    assert t.meta["patch_size"] == 16 and len(t.ssim) >= 3 and t.taus[0] == 1.0
+    for target in (0.8, 0.9):
+        tau = t.tau_for(target)
+        assert tuning.TAU_FLOOR <= tau <= 1.0
+        if tau < 1.0:
+            assert t.measured(tau) >= target and t.fitted(tau) >= target
+
+
+def test_tuned_tau_meets_the_target_on_the_tuning_images():
+    """Tune EfficientNet-Lite0 (real weights) on two small real photos, then re-measure at the chosen tau."""
+    torch.manual_seed(0)
+    model = build_model("efficientnet_lite0")
+    pre = krypton.models.PREPROCESS["efficientnet_lite0"]
+    images = {name: tuning.preprocess(tuning.load_photo(name), 72, 64, pre["mean"], pre["std"])
+              for name in ("chelsea", "coffee")}
+    normalize = (pre["mean"], pre["std"])
+    result = tuning.tune(krypton.Explainer(model), "efficientnet_lite0", images, 16, 8, fill="gray",
+                         normalize=normalize)
+    target = 0.8
+    tau = result.tau_for(target)
+    fresh = krypton.Explainer(model)
+    scores = []
+    for image in images.values():
+        exact = fresh.explain(image, patch_size=16, stride=8, fill="gray", normalize=normalize).heatmap
+        approx_map = fresh.explain(image, patch_size=16, stride=8, fill="gray", normalize=normalize, tau=tau).heatmap
+        scores.append(krypton.heatmap_ssim(exact, approx_map))
+    assert np.mean(scores) >= target, (tau, scores)
+    model.krypton_tuning = result  # a model can carry its tuning; mode="approximate" then uses it
+    exp = krypton.Explainer(model).explain(images["chelsea"], patch_size=16, stride=8, fill="gray",
+                                           normalize=normalize, target_ssim=target)
+    assert exp.tau == tau and exp.extra["approximation"]["tau_source"] == "tuned"
