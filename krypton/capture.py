@@ -254,7 +254,8 @@ class Capture:
         else:
             pad_before = _pair(padding)
         return OpSpec("window", inputs, op="conv", kernel=kernel, stride=_pair(stride), pad_before=pad_before,
-                      dilation=dilation, weight=weight, bias=bias, groups=int(groups))
+                      dilation=dilation, weight=weight, bias=bias, groups=int(groups),
+                      extra={"padding": padding})
 
     def _pool_spec(self, op, x, kernel, stride, padding, dilation, ceil_mode) -> OpSpec | None:
         if not isinstance(x, fx.Node):

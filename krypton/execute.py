@@ -149,6 +149,14 @@ class BatchRunner:
                 patches[step.node] = self._boxed(step, patches, start, stop)
             elif kind == "project":
                 fulls[step.node] = self._project(step.node, patches, start, stop)
+            elif kind == "full_conv":
+                spec = step.spec
+                fulls[step.node] = F.conv2d(fulls[step.inputs[0]], step.weight, step.bias, spec.stride,
+                                            spec.extra["padding"], spec.dilation, spec.groups)
+            elif kind == "full_alias":
+                fulls[step.node] = fulls[step.inputs[0]]
+            elif kind == "full_inplace":
+                fulls[step.node] = step.spec.extra["inplace_fn"](fulls[step.inputs[0]])
             else:  # full
                 env = _BatchEnv(self.mats.values, plan.states, fulls)
                 fulls[step.node] = _run_node(self.capture, step.node, env)

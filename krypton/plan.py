@@ -150,7 +150,8 @@ class _Builder:
         self.layers: list[LayerCost] = []
         self.projected: set[fx.Node] = set()
         self.folded: dict[fx.Node, fx.Node] = {}  # batch-norm node -> conv node folded into it
-        self._step_of: dict[fx.Node, Step] = {}  # incremental node -> the step that makes its patch
+        self._step_of: dict[fx.Node, Step] = {}  # node -> the step that makes its patch / full tensor
+        self.folded_full: dict[fx.Node, fx.Node] = {}  # batch norm -> full conv folded into it
 
     # ---- helpers --------------------------------------------------------------------------------
     def _spatial(self, node) -> tuple[int, int] | None:
@@ -167,7 +168,10 @@ class _Builder:
     def _project(self, node):
         if self.states[node] == INC and node not in self.projected:
             self.projected.add(node)
-            self.steps.append(Step("project", node, out_bytes=self._numel1(node) * self.elem))
+            step = Step("project", node, out_bytes=self._numel1(node) * self.elem)
+            self.steps.append(step)
+            if len(node.users) == 1:
+                self._step_of[node] = step  # the full copy is fresh: its single consumer may own it
 
     def _set_inc(self, node, rect: Rect, step: Step):
         self._step_of[node] = step
@@ -180,8 +184,24 @@ class _Builder:
         for i in inputs:
             self._project(i)
         self.states[node] = FULL
-        self.steps.append(Step("full", node, inputs, out_bytes=self._numel1(node) * self.elem))
+        step = Step("full", node, inputs, out_bytes=self._numel1(node) * self.elem)
         self._count_full_layer(node)
+        spec = self.c.specs.get(node)
+        if node in self.folded_full:  # batch norm already applied by the conv before it
+            step = Step("full_alias", node, [self.folded_full[node]])
+        elif spec is not None and spec.kind == "window" and spec.op == "conv" and "padding" in spec.extra:
+            bn = self._foldable_batchnorm(node)
+            if bn is not None:  # stock conv with batch norm folded in: one pass over the tensor less
+                step.kind = "full_conv"
+                step.spec = spec
+                step.weight, step.bias = _fold_batchnorm(spec.weight, spec.bias, bn.extra["batchnorm"])
+                self.folded_full[next(iter(node.users))] = node
+        elif spec is not None and spec.kind == "unary" and "inplace_fn" in spec.extra and len(inputs) == 1:
+            producer = self._step_of.get(inputs[0])
+            if len(inputs[0].users) == 1 and producer is not None and producer.kind in ("full_conv", "project"):
+                step.kind, step.spec = "full_inplace", spec  # the input tensor is fresh and seen only here
+        self._step_of[node] = step
+        self.steps.append(step)
 
     def _count_full_layer(self, node):
         spec = self.c.specs.get(node)
@@ -379,7 +399,7 @@ class _Builder:
         live: dict[fx.Node, int] = {}
         peak = 0
         for idx, step in enumerate(steps):
-            if step.kind not in ("alias", "pad"):
+            if step.kind not in ("alias", "pad", "full_alias", "full_inplace"):
                 live[step.node] = live.get(step.node, 0) + step.out_bytes
             peak = max(peak, sum(live.values()) + step.tmp_bytes)
             for n in [n for n in live if last_use.get(n, -1) <= idx]:
