@@ -19,14 +19,28 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Rect1D:
-    """Per-position origins and a shared size along one dimension of a map of length `extent`."""
+    """Per-position origins and a shared size along one dimension of a map of length `extent`.
+
+    `lo`/`hi` (int64 [N], optional) are the cells that really changed for each position, [lo, hi), inside
+    the rect; None means the whole rect. The shared size can exceed a position's change, and at the
+    borders the rect is shifted inside the map (eq. 31), so its centre is not the change's centre: the
+    tau shrink (eq. 23-24) centres on [lo, hi). Exact mode (tau = 1) never reads them.
+    """
 
     origin: np.ndarray  # int64 [N]
     size: int
     extent: int
+    lo: np.ndarray | None = None
+    hi: np.ndarray | None = None
 
     def covers_map(self) -> bool:
         return self.size >= self.extent
+
+    def changed(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-position [lo, hi) of the cells that really changed."""
+        if self.lo is None:
+            return self.origin, self.origin + self.size
+        return self.lo, self.hi
 
 
 @dataclass(frozen=True)
@@ -71,7 +85,9 @@ def sliding_window(
 
     The exact per-position output range is [ceil((x + p - Ke + 1) / s), floor((x + W - 1 + p) / s)]
     clipped to the map; the shared size is the largest of those ranges (never more than eq. 14's bound).
-    With tau < 1 the output size is capped and the input rect shrinks around its centre (eq. 22-27).
+    With tau < 1 the output size is capped at round(tau * extent) and each position's changed input
+    range [lo, hi) shrinks to W^I' = W^O * s - K + 1 cells around its centre (eq. 22-27); a change that
+    is already narrower stays as it is. The shared rect then starts at the shrunk range's eq. 13 origin.
     """
     ke = effective_kernel(kernel, dilation)
     x, w = rect.origin, rect.size
@@ -79,23 +95,30 @@ def sliding_window(
     hi = np.minimum((x + w - 1 + pad_before) // stride, out_extent - 1)
     size = int(max(1, (hi - lo + 1).max(initial=1)))
     size = min(size, out_extent)
+    x_in, w_in = rect.changed()
+    w_in = w_in - x_in
     capped = cap_size(size, out_extent, tau)
     if capped < size:
-        # Shrink the input rect to what `capped` outputs can see, keeping its centre (eq. 23-24).
-        w_in = max(1, capped * stride - ke + 1)
-        x_in = x + (w - w_in) // 2
-        lo = np.maximum(-((-(x_in + pad_before - ke + 1)) // stride), 0)
-        size = capped
+        # Shrink each position's change to what `capped` outputs can see, keeping its centre (eq. 23-24).
+        w_cap = max(1, capped * stride - ke + 1)
+        x_in = np.where(w_in > w_cap, x_in + (w_in - w_cap) // 2, x_in)
+        w_in = np.minimum(w_in, w_cap)
+    c_lo = np.maximum(-((-(x_in + pad_before - ke + 1)) // stride), 0)
+    c_hi = np.maximum(np.minimum((x_in + w_in - 1 + pad_before) // stride, out_extent - 1) + 1, c_lo)
+    if capped < size:
+        lo, size = c_lo, capped
+        c_hi = np.minimum(c_hi, c_lo + capped)
     origin = shift_inside(lo, size, out_extent)
     read_origin = origin * stride - pad_before
     read_size = (size - 1) * stride + ke
-    return Window1D(Rect1D(origin, size, out_extent), read_origin.astype(np.int64), read_size)
+    out = Rect1D(origin, size, out_extent, c_lo.astype(np.int64), c_hi.astype(np.int64))
+    return Window1D(out, read_origin.astype(np.int64), read_size)
 
 
 def bounding_box(rects: list[Rect1D], tau: float = 1.0) -> Rect1D:
     """Union of the rects of several inputs of one element-wise add / channel concat (eq. 20).
 
-    With tau < 1 the box is capped like any other node, keeping its centre.
+    With tau < 1 the box is capped like any other node, keeping the centre of the union of the changes.
     """
     extent = rects[0].extent
     if any(r.extent != extent for r in rects):
@@ -103,16 +126,21 @@ def bounding_box(rects: list[Rect1D], tau: float = 1.0) -> Rect1D:
     lo = np.min([r.origin for r in rects], axis=0)
     hi = np.max([r.origin + r.size for r in rects], axis=0)
     size = int(min((hi - lo).max(initial=1), extent))
+    c_lo = np.min([r.changed()[0] for r in rects], axis=0)
+    c_hi = np.max([r.changed()[1] for r in rects], axis=0)
     capped = cap_size(size, extent, tau)
     if capped < size:
-        lo = lo + ((hi - lo) - capped) // 2
-        size = capped
-    return Rect1D(shift_inside(lo, size, extent), size, extent)
+        width = c_hi - c_lo
+        c_lo = np.where(width > capped, c_lo + (width - capped) // 2, c_lo)
+        c_hi = c_lo + np.minimum(width, capped)
+        lo, size = c_lo, capped
+    return Rect1D(shift_inside(lo, size, extent), size, extent, c_lo.astype(np.int64), c_hi.astype(np.int64))
 
 
 def padded(rect: Rect1D, pad_before: int, out_extent: int) -> Rect1D:
     """Explicit constant padding only moves the rect: the padded border never changes."""
-    return Rect1D(rect.origin + pad_before, rect.size, out_extent)
+    c_lo, c_hi = rect.changed()
+    return Rect1D(rect.origin + pad_before, rect.size, out_extent, c_lo + pad_before, c_hi + pad_before)
 
 
 def grid_shape(height: int, width: int, patch_size: int, stride: int) -> tuple[int, int]:

@@ -130,9 +130,11 @@ def test_capped_window_properties(kernel, stride, pad):
         assert np.array_equal(w.read_origin, w.out.origin * stride - pad)
         assert w.out.origin.min() >= 0 and (w.out.origin + w.out.size).max() <= extent_out
         if w.out.size < exact.out.size:
-            # The shrunk input rect keeps the centre (within one cell) and is W^O * s - K + 1 wide.
-            w_in = max(1, w.out.size * stride - kernel + 1)
-            x_in = xs + (width - w_in) // 2
+            # The shrunk input keeps the centre (within one cell) and is W^O * s - K + 1 wide (a narrower
+            # change stays as it is).
+            w_cap = max(1, w.out.size * stride - kernel + 1)
+            x_in = np.where(width > w_cap, xs + (width - w_cap) // 2, xs)
+            w_in = min(width, w_cap)
             assert np.all(np.abs((x_in + w_in / 2) - (xs + width / 2)) <= 0.5)
             # Its exact output window (eq. 13) is what the capped rect starts at, shifted inside the map.
             lo = np.maximum(ceil_div(x_in + pad - kernel + 1, stride), 0)
@@ -140,14 +142,37 @@ def test_capped_window_properties(kernel, stride, pad):
             # Every output cell the shrunk input reaches lies in the capped rect (when not cut by the border).
             for x, o in zip(x_in, w.out.origin):
                 changed = brute_force_changed(int(x), w_in, extent_out, kernel, stride, pad)
-                if changed and changed[0] >= o and len(changed) <= w.out.size:
-                    assert changed[-1] < o + w.out.size
+                assert all(o <= c < o + w.out.size for c in changed[:w.out.size])
 
 
 def test_smaller_tau_never_grows_a_window():
     r = rect(np.arange(0, 30, 4), 12, 40)
     sizes = [geo.sliding_window(r, 20, 5, 2, 2, tau=t).out.size for t in (1.0, 0.9, 0.7, 0.5, 0.4, 0.3)]
     assert sizes == sorted(sizes, reverse=True) and sizes[-1] < sizes[0]
+
+
+def test_shrink_centres_on_the_real_change_not_on_the_shifted_rect():
+    # A right-border position: the shared rect [20, 32) (size 12) was shifted inside the map, but only
+    # [28, 32) changed. K = 3, s = 1, p = 1, tau = 0.25: cap round(8) = 8 < exact size 13, W^I' = 6 >= 4,
+    # so the change keeps its 4 cells and reaches outputs [27, 32); the rect of 8 shifts in to [24, 32).
+    r = geo.Rect1D(np.array([20]), 12, 32, np.array([28]), np.array([32]))
+    w = geo.sliding_window(r, 32, kernel=3, stride=1, pad_before=1, tau=0.25)
+    assert (w.out.origin.tolist(), w.out.size, w.out.lo.tolist(), w.out.hi.tolist()) == ([24], 8, [27], [32])
+    # Centring on the rect instead would keep [23, 29) of the input and lose the changed cells 30-31.
+    plain = geo.sliding_window(rect([20], 12, 32), 32, kernel=3, stride=1, pad_before=1, tau=0.25)
+    assert (plain.out.origin.tolist(), plain.out.size) == ([22], 8)
+
+
+def test_exact_windows_ignore_the_change_ranges_and_propagate_them_exactly():
+    xs = np.arange(0, 40 - 6 + 1, 3)
+    r = rect(xs, 6, 40)
+    w = geo.sliding_window(r, 20, kernel=3, stride=2, pad_before=1)
+    again = geo.sliding_window(geo.Rect1D(xs, 6, 40, xs + 1, xs + 4), 20, kernel=3, stride=2, pad_before=1)
+    assert np.array_equal(w.out.origin, again.out.origin) and w.out.size == again.out.size
+    for x, lo, hi in zip(xs, w.out.lo, w.out.hi):
+        assert list(range(lo, hi)) == brute_force_changed(int(x), 6, 20, 3, 2, 1)
+    nxt = geo.sliding_window(w.out, 10, kernel=3, stride=2, pad_before=1)  # chains through a second layer
+    assert np.all(nxt.out.lo >= nxt.out.origin) and np.all(nxt.out.hi <= nxt.out.origin + nxt.out.size)
 
 
 # ---- bounding boxes at add / concat (eq. 20) -------------------------------------------------------------------
@@ -163,6 +188,21 @@ def test_bounding_box_respects_the_cap_and_keeps_the_centre():
     assert (box.origin.tolist(), box.size) == ([5], 6)
     same = geo.bounding_box([rect([2], 4, 20), rect([10], 4, 20)], tau=0.7)  # cap 14 > 12: unchanged
     assert (same.origin.tolist(), same.size) == ([2], 12)
+
+
+def test_capped_bounding_box_centres_on_the_union_of_the_changes():
+    a = geo.Rect1D(np.array([0]), 10, 20, np.array([0]), np.array([3]))
+    b = geo.Rect1D(np.array([10]), 10, 20, np.array([15]), np.array([20]))
+    box = geo.bounding_box([a, b], tau=0.3)  # union of the rects 20 > cap 6; changes [0, 20) -> [7, 13)
+    assert (box.origin.tolist(), box.size, box.lo.tolist(), box.hi.tolist()) == ([7], 6, [7], [13])
+    b2 = geo.Rect1D(np.array([10]), 10, 20, np.array([12]), np.array([14]))
+    box = geo.bounding_box([geo.Rect1D(np.array([4]), 10, 20, np.array([10]), np.array([13])), b2], tau=0.3)
+    assert (box.origin.tolist(), box.size, box.lo.tolist(), box.hi.tolist()) == ([10], 6, [10], [14])
+
+
+def test_padding_moves_the_changes_too():
+    p = geo.padded(geo.Rect1D(np.array([3]), 5, 10, np.array([4]), np.array([6])), 2, 14)
+    assert (p.origin.tolist(), p.size, p.extent, p.lo.tolist(), p.hi.tolist()) == ([5], 5, 14, [6], [8])
 
 
 def test_bounding_box_rejects_mixed_extents():
