@@ -163,6 +163,7 @@ class BatchRunner:
             for n in step.inputs:
                 if plan.last_use.get(n) == idx:
                     patches.pop(n, None)
+                    fulls.pop(n, None)
         out = fx.node.map_arg(plan.output.args[0], lambda n: fulls[n] if n in fulls else self.mats.values[n])
         return out
 
