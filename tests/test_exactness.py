@@ -161,3 +161,14 @@ def test_position_groups_give_the_same_heatmap():
     one_group = krypton.Explainer(model)
     one_group._groups[((1, 3, 30, 27), 3, 2, 1.0)] = groups_for(grid, 2, [])
     assert grouped.executed_speedup > one_group.explain(image, patch_size=3, stride=2).executed_speedup
+
+
+@pytest.mark.parametrize("name", sorted(NETS))
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_memory_format_does_not_change_results(name, channels_last):
+    model = _net(name, torch.float64)
+    image = torch.randn(3, 19, 22, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    explainer = krypton.Explainer(model, channels_last=channels_last)
+    inc = explainer.explain(image, patch_size=5, stride=3)
+    naive = explainer.explain(image, patch_size=5, stride=3, method="naive")
+    assert (inc.heatmap - naive.heatmap).abs().max().item() <= 1e-9
