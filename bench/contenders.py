@@ -1,0 +1,494 @@
+"""The contenders of the benchmark, each measured with the same Meter on the same image and label.
+
+- naive:            batched full re-inference of every occluded image (our own loop, NCHW or
+                    channels_last), timed on a random sample of batches and extrapolated, or in full.
+- captum-occlusion: captum.attr.Occlusion(forward = softmax(model(x))), sliding window (C, P, P),
+                    strides (C, S, S), baselines = the fill image, target = label. Timed on its first
+                    perturbation batches (after one warm-up batch) and extrapolated, or in full.
+- krypton-exact / krypton-approx: krypton.Explainer(...).explain(...) through the public API only,
+                    always in full.
+- captum-ig:        captum.attr.IntegratedGradients at n steps, always in full (reference only: a
+                    different explanation, so no SSIM).
+
+Every function returns a Result; nothing here prints or decides presets (scripts/bench.py does).
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import inspect
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+import krypton
+from krypton import geometry as geo
+
+from .measure import Meter
+
+# The paper's tau for target SSIM 0.9 (SIGMOD'19 §4 / method.md §4).
+PAPER_TAU = {"vgg16": 0.5, "resnet18": 0.7, "inception_v3": 0.9}
+
+
+@dataclass
+class Result:
+    contender: str                      # naive | captum-occlusion | krypton-exact | krypton-approx | captum-ig
+    label: str                          # short human name of the configuration
+    config: dict
+    seconds: float | None = None        # wall time per heatmap (measured or extrapolated)
+    timing: str = "full"                # "full" or "extrapolated from ..."
+    extrapolated: bool = False
+    positions_timed: int | None = None
+    positions_total: int | None = None
+    peak_bytes: int | None = None
+    batch_size: int | None = None
+    theoretical_centre: float | None = None    # patch at the centre (the paper's worst case)
+    theoretical_executed: float | None = None  # for the windows actually executed
+    ssim: float | None = None
+    max_abs_diff: float | None = None   # vs the exact heatmap (same quantity, where comparable)
+    skipped: str | None = None
+    notes: list[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+    heatmap: torch.Tensor | None = None       # not serialized
+    attribution: torch.Tensor | None = None   # not serialized
+    explanation: object | None = None         # krypton.Explanation, not serialized
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("heatmap", "attribution", "explanation")}
+
+
+@dataclass
+class Case:
+    """One model + one image + one OBE setting: what every contender shares."""
+
+    model_name: str
+    model: torch.nn.Module
+    image_name: str
+    image: torch.Tensor          # (1, C, H, W) on the device
+    patch: int
+    stride: int
+    fill: list[float]            # per channel, in the model's input space
+    label: int
+    meter: Meter
+    rng: np.random.Generator
+    explainer: krypton.Explainer | None = None
+    exact: krypton.Explanation | None = None
+    clean_seconds: float = 0.0   # one clean forward (every method needs it for the label)
+    _model_cl: torch.nn.Module | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.image.device
+
+    @property
+    def fill_tensor(self) -> torch.Tensor:
+        return torch.tensor(self.fill, dtype=self.image.dtype, device=self.device).view(-1, 1, 1)
+
+    @property
+    def fill_image(self) -> torch.Tensor:
+        return self.fill_tensor.unsqueeze(0).expand_as(self.image).contiguous()
+
+    @property
+    def origins(self) -> np.ndarray:
+        _, _, h, w = self.image.shape
+        return geo.grid_origins(h, w, self.patch, self.stride)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        _, _, h, w = self.image.shape
+        return geo.grid_shape(h, w, self.patch, self.stride)
+
+    def model_for(self, channels_last: bool) -> torch.nn.Module:
+        if not channels_last:
+            return self.model
+        if self._model_cl is None:
+            self._model_cl = copy.deepcopy(self.model).to(memory_format=torch.channels_last)
+        return self._model_cl
+
+
+def clean_forward(model, image, meter: Meter) -> tuple[int, float, float]:
+    """(predicted label, its probability, seconds) of one clean forward pass."""
+    with torch.no_grad():
+        meter.sync()
+        t = time.perf_counter()
+        probs = torch.softmax(model(image).double(), dim=1)[0]
+        meter.sync()
+        dt = time.perf_counter() - t
+    label = int(probs.argmax())
+    return label, float(probs[label]), dt
+
+
+# ---------------------------------------------------------------------------------------------
+# naive batched re-inference
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def naive_scores(model, image, fill_t, patch, origins, label, channels_last) -> torch.Tensor:
+    """Probability of `label` for each occluded image of one batch (full re-inference)."""
+    b = len(origins)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = image.expand(b, -1, -1, -1).clone(memory_format=fmt)
+    for i, (y, x0) in enumerate(origins.tolist()):
+        x[i, :, y:y + patch, x0:x0 + patch] = fill_t
+    return torch.softmax(model(x).double(), dim=1)[:, label].cpu()
+
+
+def run_naive(case: Case, batch: int, channels_last: bool, sample_batches: int | None) -> Result:
+    """sample_batches=None: all positions. Else 1 warm-up batch + `sample_batches` timed batches of
+    random positions; time per heatmap = clean forward + N * (timed seconds / timed positions)."""
+    layout = "channels_last" if channels_last else "NCHW"
+    res = Result("naive", f"naive b={batch} {layout}", {"batch": batch, "layout": layout}, batch_size=batch,
+                 theoretical_centre=1.0, theoretical_executed=1.0)
+    model, meter = case.model_for(channels_last), case.meter
+    origins, n = case.origins, len(case.origins)
+    fill_t = case.fill_tensor
+    batch = min(batch, n)
+    if sample_batches is None or (sample_batches + 1) * batch >= n:
+        scores = torch.empty(n, dtype=torch.float64)
+        with meter.measure() as m:
+            for s in range(0, n, batch):
+                scores[s:s + batch] = naive_scores(model, case.image, fill_t, case.patch, origins[s:s + batch],
+                                                   case.label, channels_last)
+        res.seconds = m.seconds + case.clean_seconds
+        res.positions_timed = res.positions_total = n
+        res.peak_bytes = m.peak_bytes
+        res.heatmap = scores.view(case.grid)
+        if case.exact is not None:
+            res.max_abs_diff = float((res.heatmap - case.exact.heatmap.double()).abs().max())
+        return res
+    idx = case.rng.choice(n, size=(sample_batches + 1) * batch, replace=False)
+    timed, got = 0.0, []
+    with meter.measure() as m:
+        for k in range(sample_batches + 1):
+            sel = idx[k * batch:(k + 1) * batch]
+            meter.sync()
+            t = time.perf_counter()
+            scores = naive_scores(model, case.image, fill_t, case.patch, origins[sel], case.label, channels_last)
+            meter.sync()
+            if k > 0:  # batch 0 is the warm-up (oneDNN primitive creation, first-touch of buffers)
+                timed += time.perf_counter() - t
+                got.append((sel, scores))
+    m_timed = sample_batches * batch
+    res.seconds = case.clean_seconds + n * timed / m_timed
+    res.extrapolated = True
+    res.positions_timed, res.positions_total = m_timed, n
+    res.timing = (f"extrapolated from {m_timed} of {n} positions ({sample_batches} random batch"
+                  f"{'es' if sample_batches > 1 else ''} of {batch} after 1 warm-up batch)")
+    res.peak_bytes = m.peak_bytes
+    if case.exact is not None:
+        ref = case.exact.heatmap.double().flatten()
+        res.max_abs_diff = max(float((s - ref[torch.from_numpy(sel)]).abs().max()) for sel, s in got)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# Captum Occlusion
+# ---------------------------------------------------------------------------------------------
+class _StopCaptum(Exception):
+    pass
+
+
+def captum_windows(h: int, w: int, patch: int, stride: int) -> tuple[int, int]:
+    """Captum's window count per dimension: ceil((D - w) / s) + 1 (the last one may be cut off)."""
+    return math.ceil((h - patch) / stride) + 1, math.ceil((w - patch) / stride) + 1
+
+
+def run_captum_occlusion(case: Case, ppe: int, sample_batches: int | None) -> Result:
+    """sample_batches=None: the full attribute() call. Else the call is stopped (from inside the
+    forward function) after 1 warm-up + `sample_batches` perturbation batches; one batch's cost is
+    the time between the starts of consecutive forward calls, so it includes Captum's own mask
+    construction and accumulation, not only the forward pass. Extrapolated time = setup (clean
+    forward + first masks, measured) + M windows * (timed seconds / timed windows)."""
+    from captum.attr import Occlusion
+
+    _, c, h, w = case.image.shape
+    gh, gw = captum_windows(h, w, case.patch, case.stride)
+    total = gh * gw
+    res = Result("captum-occlusion", f"Captum Occlusion ppe={ppe}", {"perturbations_per_eval": ppe},
+                 batch_size=ppe, positions_total=total, theoretical_centre=1.0, theoretical_executed=1.0)
+    if (gh, gw) != case.grid:
+        res.notes.append(f"Captum evaluates {gh}x{gw} windows (cut-off windows at the far border) vs "
+                         f"krypton's {case.grid[0]}x{case.grid[1]}")
+    model, meter = case.model, case.meter
+    calls: list[float] = []
+    stop_at = None if sample_batches is None else sample_batches + 2  # call 0 = clean, 1 = warm-up batch
+
+    def forward(x):
+        meter.sync()
+        calls.append(time.perf_counter())
+        if stop_at is not None and len(calls) > stop_at:
+            raise _StopCaptum
+        return torch.softmax(model(x), dim=1)
+
+    occ = Occlusion(forward)
+    kwargs = dict(sliding_window_shapes=(c, case.patch, case.patch), strides=(c, case.stride, case.stride),
+                  baselines=case.fill_image, target=case.label, perturbations_per_eval=ppe)
+    full = sample_batches is None or (sample_batches + 1) * ppe >= total
+    if full:
+        with meter.measure() as m, torch.no_grad():
+            attr = occ.attribute(case.image, **kwargs)
+        res.seconds = m.seconds
+        res.positions_timed = total
+        res.attribution = attr[0].mean(0).double().cpu()  # all channels carry the same value
+    else:
+        with meter.measure() as m:
+            t0 = time.perf_counter()
+            try:
+                with torch.no_grad():
+                    occ.attribute(case.image, **kwargs)
+                raise RuntimeError("Captum finished before the sample was taken")
+            except _StopCaptum:
+                pass
+        setup = calls[1] - t0  # clean forward + Captum's setup + first mask construction
+        timed = calls[stop_at] - calls[2]
+        timed_windows = sample_batches * ppe
+        res.seconds = setup + total * timed / timed_windows
+        res.extrapolated = True
+        res.positions_timed = timed_windows
+        res.timing = (f"extrapolated from {timed_windows} of {total} windows ({sample_batches} batch"
+                      f"{'es' if sample_batches > 1 else ''} of {ppe} after 1 warm-up batch; setup "
+                      f"{setup:.2f}s measured)")
+    res.peak_bytes = m.peak_bytes
+    if res.attribution is not None and case.exact is not None:
+        ours = case.exact.attribution().double()
+        res.ssim = heatmap_ssim(ours, res.attribution)
+        res.max_abs_diff = float((ours - res.attribution).abs().max())
+        res.notes.append("SSIM/max diff: Captum's input-shaped mean-drop map vs krypton's "
+                         "Explanation.attribution() of the exact heatmap")
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# krypton (exact and approximate), through the public API
+# ---------------------------------------------------------------------------------------------
+def engine_capabilities() -> dict:
+    """Which approximate-mode entry points this krypton offers (they land while this is written)."""
+    params = inspect.signature(krypton.Explainer.explain).parameters
+    caps = {k: k in params for k in ("tau", "drilldown", "target_ssim", "mode", "cuda_graphs", "origins")}
+    try:
+        approx = importlib.import_module("krypton.approx")
+    except ImportError:
+        approx = None
+    caps["approx_module"] = approx is not None
+    caps["explain_approximate"] = hasattr(approx, "explain_approximate")
+    caps["tuning_for"] = hasattr(krypton, "tuning_for")
+    caps["heatmap_ssim"] = hasattr(krypton, "heatmap_ssim")
+    return caps
+
+
+def drilldown_options(r: float, target: float) -> dict:
+    """explain() keyword arguments for adaptive drill-down (r = fraction of the map refined at the
+    requested stride, target = target speedup of drill-down over the one-stage run), as
+    krypton/approx.py spells them (resolve_drilldown: a dict with r, target_speedup or s1)."""
+    return {"drilldown": {"r": r, "target_speedup": target}}
+
+
+def tuned_tau(model_name: str, target_ssim: float = 0.9) -> tuple[float | None, str]:
+    """(tau, source) for `target_ssim`: krypton.tuning_for(name) when the engine has it (a tuned file in
+    krypton/tuned/, else the paper's tau, else its default), else the paper's taus only."""
+    tuning_for = getattr(krypton, "tuning_for", None)
+    if tuning_for is not None:
+        tuning = tuning_for(model_name)
+        return float(tuning.tau_for(target_ssim)), f"{tuning.source} tau"
+    if model_name in PAPER_TAU:
+        return PAPER_TAU[model_name], "paper tau"
+    return None, "no tuned tau (krypton.tuning_for missing)"
+
+
+def clear_activation_cache(explainer) -> None:
+    """Forget the materialized activations kept between calls, so every timed run pays for its own
+    clean pass (as for a new image) while drill-down's stage 2 can still reuse stage 1's, as designed.
+
+    Touches a private field: krypton has no public way to empty this cache yet (asked for).
+    """
+    if hasattr(explainer, "clear_cache"):
+        explainer.clear_cache()
+        return
+    cache = getattr(explainer, "_mats", None)
+    if cache is not None and hasattr(cache, "items"):
+        cache.items.clear()
+        cache.used = 0
+
+
+def _warm_plans(explainer, shape, patch: int, stride: int, tau: float) -> None:
+    """Build every plan explain() will use for the full grid at (patch, stride, tau): the position groups'
+    plans when the engine splits the grid (Explainer.groups), else the grid plan; and the centre plan
+    of the theoretical estimate. If the engine's internals change, a plan missed here is simply built
+    inside the timed call (a conservative error)."""
+    h, w = shape[2], shape[3]
+    origins = geo.grid_origins(h, w, patch, stride)
+    if hasattr(explainer, "groups"):
+        for g in explainer.groups(shape, patch, stride, tau, origins):
+            explainer.plan(shape, patch, stride, tau, origins[g])
+    else:
+        explainer.plan(shape, patch, stride, tau)
+    explainer.estimate(shape, patch, stride, tau)
+
+
+def prepare_explainer(case: Case, taus) -> dict:
+    """Build the plans outside the timed region (they are cached per model/shape/patch/stride/tau and
+    reused for every image, like a server would); returns {tau: seconds to build}."""
+    shape = tuple(case.image.shape)
+    built = {}
+    for tau in taus:
+        t = time.perf_counter()
+        _warm_plans(case.explainer, shape, case.patch, case.stride, tau)
+        built[tau] = time.perf_counter() - t
+    return built
+
+
+def run_krypton(case: Case, tau: float = 1.0, drilldown: tuple[float, float] | None = None,
+                batch_size: int | None = None, extra_options: dict | None = None,
+                label: str | None = None) -> Result:
+    exact = tau == 1.0 and drilldown is None
+    config = {"tau": tau, "batch": batch_size or "auto"}
+    options = dict(extra_options or {})
+    if tau != 1.0:
+        options["tau"] = tau
+    if drilldown is not None:
+        config["drilldown"] = {"r": drilldown[0], "target": drilldown[1]}
+        options.update(drilldown_options(*drilldown))
+    name = label or ("krypton exact" if exact and not extra_options else f"krypton tau={tau:g}" + (
+        f" + drill-down r={drilldown[0]:g} t={drilldown[1]:g}" if drilldown else ""))
+    res = Result("krypton-exact" if exact else "krypton-approx", name, config)
+    caps = engine_capabilities()
+    ex, meter = case.explainer, case.meter
+    call = ex.explain
+    missing = [k for k in options if not caps.get(k)]
+    if missing and caps["explain_approximate"] and set(missing) <= {"drilldown", "target_ssim", "mode"}:
+        approx = importlib.import_module("krypton.approx")
+        call = lambda image, **kw: approx.explain_approximate(ex, image, **kw)  # noqa: E731
+        res.notes.append("called krypton.approx.explain_approximate (Explainer.explain has no drilldown yet)")
+        missing = []
+    if missing:
+        res.skipped = f"this krypton's explain() has no {', '.join(missing)} option yet"
+        return res
+    if drilldown is not None and caps["approx_module"]:
+        _prebuild_stage1(case, tau, drilldown)
+    clear_activation_cache(ex)
+    with meter.measure() as m:
+        e = call(case.image, patch_size=case.patch, stride=case.stride, fill=case.fill, target=case.label,
+                 batch_size=batch_size, **options)
+    res.seconds = m.seconds
+    res.peak_bytes = m.peak_bytes
+    res.batch_size = e.batch_size
+    res.heatmap = e.heatmap.detach().double().cpu()
+    res.explanation = e
+    res.positions_total = res.positions_timed = int(np.prod(case.grid))
+    res.theoretical_centre = float(e.theoretical_speedup)
+    res.extra = {"timings_ms": dict(e.timings_ms), "memory": dict(e.memory), "cache": e.cache,
+                 "tau_used": getattr(e, "tau", tau)}
+    extra = e.extra or {}
+    executed = getattr(e, "executed_speedup", None) or extra.get("executed_speedup")
+    dd = extra.get("drilldown")
+    if dd is None:
+        if executed is not None:
+            res.theoretical_executed = float(executed)
+        else:
+            res.theoretical_executed = float(ex.plan(tuple(case.image.shape), case.patch, case.stride, tau)
+                                             .theoretical_speedup())
+            res.notes.append("theoretical (executed) = the grid plan's conv MACs (this engine reports no "
+                             "executed_speedup)")
+    else:
+        pos = dd.get("positions", {})
+        run = pos.get("stage1", 0) + pos.get("stage2", 0)
+        if dd.get("executed_speedup") is not None:  # full-grid naive MACs / MACs of both stages
+            res.theoretical_executed = float(dd["executed_speedup"])
+        elif run and executed is not None:
+            # The explanation's executed_speedup covers stage 2 only; stage-1 positions have (nearly) the
+            # same windows per position, so scale by the positions actually run.
+            res.theoretical_executed = float(executed) * pos.get("full", 0) / run
+            res.notes.append("drill-down theoretical (executed) = stage 2's executed_speedup x full positions / "
+                             "positions run (stage 1 + 2); exact once the engine reports "
+                             "extra['drilldown']['executed_speedup']")
+        est = (extra.get("approximation") or {}).get("drilldown_speedup")
+        if est:
+            res.theoretical_centre = float(e.theoretical_speedup) * float(est)
+        res.extra["drilldown"] = {k: dd.get(k) for k in ("r", "s1", "s2", "target_speedup", "estimated_speedup",
+                                                          "position_speedup", "positions", "executed_speedup")}
+    res.extra["groups"] = getattr(e, "groups", None)
+    if "approximation" in extra:
+        res.extra["approximation"] = {k: v for k, v in extra["approximation"].items() if k != "tuning"}
+    if case.exact is not None and res.heatmap.shape == case.exact.heatmap.shape:
+        ref = case.exact.heatmap.double()
+        res.ssim = heatmap_ssim(ref, res.heatmap)
+        res.max_abs_diff = float((ref - res.heatmap).abs().max())
+    return res
+
+
+def probe_incremental_memory(case: Case, batch: int, positions: np.ndarray) -> int | None:
+    """Peak memory of an incremental run at `batch` (materialization + batches of `batch` positions),
+    measured on a subset of positions through explain(origins=...): the same plan windows, fewer
+    batches. Not timed."""
+    clear_activation_cache(case.explainer)
+    with case.meter.measure() as m:
+        case.explainer.explain(case.image, patch_size=case.patch, stride=case.stride, fill=case.fill,
+                               target=case.label, batch_size=batch, origins=positions)
+    return m.peak_bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# Integrated Gradients (reference)
+# ---------------------------------------------------------------------------------------------
+def run_integrated_gradients(case: Case, steps: int, internal_batch: int) -> Result:
+    from captum.attr import IntegratedGradients
+
+    model = case.model
+    ig = IntegratedGradients(lambda x: torch.softmax(model(x), dim=1))
+    batch = min(steps, internal_batch)
+    res = Result("captum-ig", f"Captum IG {steps} steps", {"n_steps": steps, "internal_batch_size": batch},
+                 batch_size=batch)
+    res.notes.append("a different explanation (gradients), timed for reference; no SSIM")
+    with case.meter.measure() as m:
+        attr = ig.attribute(case.image, baselines=case.fill_image, target=case.label, n_steps=steps,
+                            internal_batch_size=batch)
+    res.seconds = m.seconds
+    res.peak_bytes = m.peak_bytes
+    res.extra["attribution_abs_sum"] = float(attr.abs().sum())
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+def heatmap_ssim(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """SSIM of two maps: krypton.heatmap_ssim (the tuner's definition) when the engine has it, else the
+    same definition here: skimage structural_similarity, data_range = max - min over BOTH maps
+    (probabilities of random-init models span a tiny range: data_range = 1 would call any two maps
+    identical), win_size 7 or the largest odd size that fits."""
+    a = a.double().cpu().numpy()
+    b = b.double().cpu().numpy()
+    engine = getattr(krypton, "heatmap_ssim", None)
+    if engine is not None:
+        try:
+            return float(engine(a, b))
+        except ValueError:
+            return None
+    from skimage.metrics import structural_similarity
+
+    rng = float(max(a.max(), b.max()) - min(a.min(), b.min()))
+    if rng <= 0:
+        return 1.0
+    win = min(7, *a.shape)
+    win -= 1 - win % 2
+    if win < 3:
+        return None
+    return float(structural_similarity(a, b, data_range=rng, win_size=win))
+
+
+def _prebuild_stage1(case: Case, tau: float, drilldown) -> None:
+    """Build drill-down's stage-1 plan (the full grid at the coarse stride S1, cacheable per model like
+    every grid plan) outside the timed region. Stage 2's positions depend on the image, so its plan is
+    built inside the timed call: that is a real per-request cost of drill-down."""
+    approx = importlib.import_module("krypton.approx")
+    resolve = getattr(approx, "resolve_drilldown", None)
+    if resolve is None:
+        return
+    _, _, h, w = case.image.shape
+    try:
+        dd = resolve(drilldown_options(*drilldown)["drilldown"], h, w, case.patch, case.stride)
+    except (TypeError, ValueError):
+        return
+    if dd is not None:
+        _warm_plans(case.explainer, tuple(case.image.shape), case.patch, dd.s1, tau)
