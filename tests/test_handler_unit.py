@@ -247,7 +247,8 @@ def test_config_properties_is_local_only_and_loads_the_archives():
     loaded = sorted(m.replace(".mar", "") for m in props["load_models"].split(","))
     assert loaded == sorted(["vgg16", "resnet18", "inception_v3", "efficientnet_lite0"])
     for m in loaded:
-        assert os.path.isfile(os.path.join(REPO, "serve", m, "model.py"))
+        assert os.path.isfile(os.path.join(REPO, "serve", m, "model-config.yaml"))
+    assert os.path.isfile(os.path.join(REPO, "serve", "model.py"))
 
 
 @pytest.mark.parametrize("name", ["vgg16", "resnet18", "inception_v3", "efficientnet_lite0"])
