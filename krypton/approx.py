@@ -22,6 +22,9 @@ Drill-down, precisely
   r W^2), 1/r), W = min(H, W), the largest stride) and t >= 1 / (1 + r) (S1 >= S2). The estimated
   speedup reported is eq. 28 with the integer S1, S1^2 / (S2^2 + r S1^2); the ratio of positions actually
   run, N2 / (N1 + k), is reported next to it.
+- Caveat: when S1 > P the stage-1 patches leave strips that are never occluded, so a region there cannot
+  show a drop in stage 1 and may go unrefined (reported as stage1_covers_image = false). With the paper's
+  P = 16, S2 = 4, r = 0.25, target 3, S1 = 16 = P; with S2 = 8, S1 = 32.
 """
 from __future__ import annotations
 
@@ -243,6 +246,8 @@ def _drilldown(explainer, image, patch_size, dd: DrillDown, tau, report, progres
                                           "full": int(mask.size)},
             "stage1_heatmap": stage1.heatmap.tolist()}
     info["position_speedup"] = mask.size / (stage1.positions + len(cells))
+    # With S1 > P the stage-1 patches leave unoccluded gaps: a region there cannot show a drop in stage 1.
+    info["stage1_covers_image"] = dd.s1 <= patch_size
     if progress is not None:
         coarse_exp = _with(stage1, heatmap=torch.from_numpy(coarse).to(stage1.heatmap.dtype), stride=dd.s2,
                            extra={**stage1.extra, "stage": "coarse", "drilldown": dict(info),
