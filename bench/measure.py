@@ -151,6 +151,10 @@ def machine_info(device: str | torch.device = "cpu") -> dict:
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        # Settings that change the timings: thread counts and oneDNN's primitive cache (default 1024
+        # primitives; krypton's many window shapes can overflow it, see bench/README.md).
+        "env": {k: v for k, v in sorted(os.environ.items())
+                if k.startswith(("ONEDNN_", "DNNL_", "OMP_", "MKL_", "KMP_", "KRYPTON_", "CUDA_VISIBLE"))},
     }
     try:
         import captum

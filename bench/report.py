@@ -43,7 +43,7 @@ def summarize(runs: list[dict]) -> list[dict]:
             "theoretical_executed": first["theoretical_executed"],
             "ssim": _median(r["ssim"] for r in rs), "ssim_min": _min(r["ssim"] for r in rs),
             "max_abs_diff": _max(r["max_abs_diff"] for r in rs),
-            "skipped": first["skipped"], "notes": first["notes"],
+            "skipped": first["skipped"], "notes": list(dict.fromkeys(n for r in rs for n in r["notes"])),
         }
         if len(rs) > 1 and row["extrapolated"]:
             row["timing"] = first["timing"] + f" (per image, {len(rs)} images)"
@@ -105,6 +105,7 @@ def markdown(result: dict) -> str:
         f"{m['torch_threads']}, device `{m['device']}`" + (f" ({m['gpu']})" if m.get("gpu") else "") +
         f", torch {m['torch_version']}, captum {m.get('captum_version')}, stitch backend "
         f"{m.get('krypton_stitch_backend')}",
+        f"- Environment: {', '.join(f'{k}={v}' for k, v in (m.get('env') or {}).items()) or 'no ONEDNN_/OMP_/MKL_ settings'}",
         f"- Load average at start / end: {_f(m.get('load_average_start', [None])[0])} / "
         f"{_f((m.get('load_average_end') or [None])[0])} (1 min)",
         f"- Setting: patch {s['patch']}, stride {s['stride']}, fill {s['fill']!r}, images "

@@ -24,6 +24,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 sys.path.insert(0, ROOT)
 
+
+
+def _onednn_cache_from_argv(argv) -> None:
+    """oneDNN reads ONEDNN_PRIMITIVE_CACHE_CAPACITY when torch loads, so --onednn-cache-capacity must be
+    applied before `import torch` (setting it later has no effect: checked)."""
+    for i, a in enumerate(argv):
+        if a == "--onednn-cache-capacity" and i + 1 < len(argv):
+            os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = argv[i + 1]
+        elif a.startswith("--onednn-cache-capacity="):
+            os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = a.split("=", 1)[1]
+
+
+if __name__ == "__main__":
+    _onednn_cache_from_argv(sys.argv[1:])
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -79,6 +94,9 @@ def parse_args(argv=None):
     p.add_argument("--inc-batch", type=int, help="krypton batch size (default: the engine's memory-budget choice)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="ask the engine to capture the fixed-shape incremental batch as a CUDA graph")
+    p.add_argument("--onednn-cache-capacity", type=int,
+                   help="set ONEDNN_PRIMITIVE_CACHE_CAPACITY (before torch loads; default: oneDNN's 1024). "
+                        "Recorded in the JSON either way")
     p.add_argument("--skip", type=_names, default=[], help=f"skip contenders: {','.join(SKIPPABLE)}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", help="results name (default: <preset>-<device>-p<patch>s<stride>-<date>)")
@@ -182,6 +200,11 @@ def bench_model(args, name, model, preprocess_cfg, images, meter, pretrained) ->
             raise SystemExit(f"krypton exact run impossible: {exact.skipped}")
         exact.ssim, exact.max_abs_diff = 1.0, 0.0
         case.exact = exact.explanation
+        spread = float(exact.heatmap.max() - exact.heatmap.min())
+        info.setdefault("exact_heatmap_range", {})[img_name] = spread
+        if spread < 1e-6:
+            exact.notes.append(f"{img_name}: the exact heatmap is constant (label probability {prob:.6f} never "
+                               "moves): SSIM of approximate modes is meaningless for this model/image")
         add(exact)
         if args.cuda_graphs:
             add(C.run_krypton(case, batch_size=args.inc_batch, extra_options={"cuda_graphs": True},
