@@ -40,6 +40,19 @@ _PHRASES = {400: "Bad Request", 413: "Payload Too Large", 500: "Internal Server 
 UNTRAINED = "untrained-random-init"
 
 
+def _jsonable(value):
+    """Engine extras (approximation report, drill-down details) as plain JSON types."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if hasattr(value, "tolist"):  # numpy
+        return value.tolist()
+    return value
+
+
 class KryptonHandler(BaseHandler):
     """BaseHandler subclass; one instance per TorchServe worker process."""
 
@@ -204,6 +217,26 @@ class KryptonHandler(BaseHandler):
                 results[idx] = self._error(idx, 500, {"code": 500, "type": "InternalServerError",
                                                       "message": f"{type(e).__name__}: {e}"}, False)
 
+    def _streamer(self, idx):
+        """Progress callback sending the coarse drill-down map as an intermediate response.
+
+        TorchServe streams intermediate responses as HTTP chunks; it can only address one request,
+        so a batch of several requests gets the final response alone.
+        """
+        context = self.context
+        if len(getattr(context, "request_ids", None) or {}) != 1:
+            return None
+
+        def send(stage, coarse):
+            from ts.handler_utils.utils import send_intermediate_predict_response
+
+            body = {"stage": stage, "heatmap": coarse.heatmap.detach().float().cpu().tolist(),
+                    "label": int(coarse.label), "probability": float(coarse.probability)}
+            send_intermediate_predict_response([json.dumps(body) + "\n"], context.request_ids,
+                                               "Intermediate response", 200, context)
+
+        return send
+
     def _explain(self, idx, image_bytes, opts, t0):
         s = self.settings
         x, view, decode_ms = self._load_image(image_bytes)
@@ -226,7 +259,9 @@ class KryptonHandler(BaseHandler):
                 exp = self.explainer.explain(
                     x.to(self.device), patch_size=opts.patch_size, stride=opts.stride, fill=opts.fill,
                     target=opts.target, batch_size=opts.batch_size, method=opts.method,
-                    normalize=(mean, std), memory_budget=s.memory_budget, tau=opts.tau)
+                    normalize=(mean, std), memory_budget=s.memory_budget, tau=opts.tau,
+                    target_ssim=opts.target_ssim, drilldown=opts.drilldown, mode=opts.mode,
+                    progress=self._streamer(idx) if opts.stream and opts.format == "json" else None)
             except ValueError as e:  # the engine's word on a parameter it refuses
                 raise RequestError(str(e)) from None
         heatmap = exp.heatmap.detach().float().cpu()
@@ -297,6 +332,8 @@ class KryptonHandler(BaseHandler):
             "timings_ms": timings,
             "memory": memory,
             "theoretical_speedup": float(exp.theoretical_speedup),
+            "executed_speedup": float(exp.executed_speedup),
+            **_jsonable(exp.extra),
             "cache": cache,
         }
         if body["label_name"] is None:

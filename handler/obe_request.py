@@ -27,7 +27,10 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 HEADER_PREFIX = "x-krypton-"
 IMAGE_FIELD = "data"
-EXPLAIN_OPTIONS = ("patch_size", "stride", "fill", "target", "method", "batch_size", "format", "tau")
+EXPLAIN_OPTIONS = ("patch_size", "stride", "fill", "target", "method", "batch_size", "format", "tau",
+                   "target_ssim", "drilldown", "mode", "stream")
+APPROX_MODES = ("exact", "approximate")
+DRILLDOWN_KEYS = ("r", "target_speedup", "s1")
 NAMED_FILLS = ("gray", "grey", "black", "mean")
 METHODS = ("incremental", "naive")
 FORMATS = ("json", "png")
@@ -289,9 +292,46 @@ class Options:
     batch_size: Optional[int]
     format: str
     tau: float = 1.0
+    target_ssim: Optional[float] = None
+    drilldown: Any = None  # None, False, True (defaults) or {r, target_speedup, s1}
+    mode: Optional[str] = None
+    stream: bool = False
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
+
+
+def parse_bool(name: str, value: Any) -> bool:
+    v = _text(name, value)
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+        return v.lower() in ("true", "1", "yes", "on")
+    raise RequestError(f"option {name}: {value!r} is not allowed; allowed: true | false", parameter=name)
+
+
+def parse_drilldown(value: Any) -> Any:
+    """true/false, or an object (JSON text in headers and form fields) with keys r, target_speedup, s1.
+
+    The values' ranges depend on the image and stride: the engine checks them (eq. 30) and its
+    ValueError becomes a 400 naming the parameter.
+    """
+    v = _text("drilldown", value)
+    if isinstance(v, str) and v.strip().startswith("{"):
+        try:
+            v = json.loads(v)
+        except ValueError:
+            raise RequestError(f"option drilldown: {value!r} is not valid JSON", parameter="drilldown") from None
+    if isinstance(v, dict):
+        unknown = sorted(set(v) - set(DRILLDOWN_KEYS))
+        if unknown:
+            raise RequestError(f"option drilldown: unknown key(s) {unknown}; allowed: {list(DRILLDOWN_KEYS)}",
+                               parameter="drilldown")
+        for k, x in v.items():
+            if isinstance(x, bool) or not isinstance(x, (int, float)):
+                raise RequestError(f"option drilldown.{k}: {x!r} is not a number", parameter="drilldown")
+        return dict(v)
+    return parse_bool("drilldown", v)
 
 
 def parse_options(raw: Mapping[str, Any], settings: Settings, num_classes: Optional[int]) -> Options:
@@ -324,7 +364,16 @@ def parse_options(raw: Mapping[str, Any], settings: Settings, num_classes: Optio
         if tau < 1.0 and method != "incremental":
             raise RequestError(f"option tau: {tau:g} < 1 approximates the incremental method; "
                                f"use method=incremental (got method={method})", parameter="tau")
-    return Options(patch, stride, fill, target, method, batch, fmt, tau)
+    target_ssim = parse_float("target_ssim", raw["target_ssim"], 0.0, 1.0, lo_open=True) \
+        if present("target_ssim") else None
+    drilldown = parse_drilldown(raw["drilldown"]) if present("drilldown") else None
+    mode = parse_choice("mode", raw["mode"], APPROX_MODES) if present("mode") else None
+    stream = parse_bool("stream", raw["stream"]) if present("stream") else False
+    approximate = tau < 1.0 or target_ssim is not None or drilldown not in (None, False) or mode == "approximate"
+    if approximate and method != "incremental":
+        raise RequestError(f"approximate options need method=incremental (got method={method})",
+                           parameter="method")
+    return Options(patch, stride, fill, target, method, batch, fmt, tau, target_ssim, drilldown, mode, stream)
 
 
 # --------------------------------------------------------------------------------------------

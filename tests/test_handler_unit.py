@@ -123,6 +123,14 @@ def test_options_defaults_and_types():
     ({"tau": 0}, "tau", "(0, 1]"),
     ({"tau": 0.5, "method": "naive"}, "tau", "method=incremental"),
     ({"colour": "red"}, "colour", "unknown option"),
+    ({"target_ssim": 1.5}, "target_ssim", "(0, 1]"),
+    ({"mode": "fastest"}, "mode", "exact | approximate"),
+    ({"drilldown": "maybe"}, "drilldown", "true | false"),
+    ({"drilldown": "{r: 1}"}, "drilldown", "not valid JSON"),
+    ({"drilldown": {"rate": 0.2}}, "drilldown", "unknown key"),
+    ({"drilldown": {"r": "a lot"}}, "drilldown", "not a number"),
+    ({"stream": "perhaps"}, "stream", "true | false"),
+    ({"mode": "approximate", "method": "naive"}, "method", "method=incremental"),
 ])
 def test_options_rejected(raw, param, needle):
     e = err(rq.parse_options, raw, SETTINGS, 10)
@@ -393,6 +401,43 @@ def test_handler_cache_hit_and_failed_requests_cache_nothing(handler):
     assert (r1["cache"], r2["cache"]) == ("miss", "hit")
     assert r2["timings_ms"]["materialize"] == 0.0
     assert len(h.explainer._mats.items) == n0 + 1
+
+
+def test_options_approximate():
+    o = rq.parse_options({"target_ssim": "0.8", "drilldown": '{"r": 0.5, "target_speedup": 1.5}',
+                          "mode": "Approximate", "stream": "true"}, SETTINGS, 10)
+    assert (o.target_ssim, o.drilldown, o.mode, o.stream) == (0.8, {"r": 0.5, "target_speedup": 1.5},
+                                                              "approximate", True)
+    assert rq.parse_options({"drilldown": "false"}, SETTINGS, 10).drilldown is False
+
+
+class FakeSocket:
+    def __init__(self):
+        self.sent = []
+
+    def sendall(self, data):
+        self.sent.append(bytes(data))
+
+
+def test_handler_drilldown_reports_and_streams_the_coarse_map(handler):
+    h, ctx = handler
+    img = image_bytes(48, 40, seed=14)
+    ctx.cl_socket = FakeSocket()
+    headers = {"explain": "True", "X-Krypton-Stride": "4", "X-Krypton-Drilldown": '{"r": 0.25, "target_speedup": 3}',
+               "X-Krypton-Stream": "true"}
+    [(status, ctype, body)] = run(h, ctx, [({"body": bytearray(img)}, headers)])
+    assert (status, ctype) == (200, "application/json"), body
+    out = json.loads(body)
+    assert out["heatmap_shape"] == [7, 7]
+    assert out["drilldown"]["r"] == 0.25 and len(out["drilldown"]["refined"]) == 13  # ceil(0.25 * 49)
+    assert out["approximation"]["mode"] == "approximate"
+    assert len(ctx.cl_socket.sent) == 1 and b"coarse" in ctx.cl_socket.sent[0]  # one intermediate message
+    # a drill-down the engine refuses (eq. 30) is a 400 naming the parameter, and the worker goes on
+    bad = dict(headers, **{"X-Krypton-Drilldown": '{"r": 0.25, "target_speedup": 50}', "X-Krypton-Stream": "false"})
+    [(status, _, body)] = run(h, ctx, [({"body": bytearray(img)}, bad)])
+    assert status == 400 and "target_speedup" in json.loads(body)["message"]
+    [(status, _, _)] = run(h, ctx, [({"body": bytearray(img)}, {"explain": "True"})])
+    assert status == 200
 
 
 def test_handler_error_messages_name_the_problem(handler):
