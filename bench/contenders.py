@@ -300,32 +300,13 @@ def tuned_tau(model_name: str, target_ssim: float = 0.9) -> tuple[float | None, 
 
 def clear_activation_cache(explainer) -> None:
     """Forget the materialized activations kept between calls, so every timed run pays for its own
-    clean pass (as for a new image) while drill-down's stage 2 can still reuse stage 1's, as designed.
-
-    Touches a private field: krypton has no public way to empty this cache yet (asked for).
-    """
-    if hasattr(explainer, "clear_cache"):
-        explainer.clear_cache()
-        return
-    cache = getattr(explainer, "_mats", None)
-    if cache is not None and hasattr(cache, "items"):
-        cache.items.clear()
-        cache.used = 0
+    clean pass (as for a new image) while drill-down's stage 2 can still reuse stage 1's, as designed."""
+    explainer.clear_cache()
 
 
 def _warm_plans(explainer, shape, patch: int, stride: int, tau: float) -> None:
-    """Build every plan explain() will use for the full grid at (patch, stride, tau): the position groups'
-    plans when the engine splits the grid (Explainer.groups), else the grid plan; and the centre plan
-    of the theoretical estimate. If the engine's internals change, a plan missed here is simply built
-    inside the timed call (a conservative error)."""
-    h, w = shape[2], shape[3]
-    origins = geo.grid_origins(h, w, patch, stride)
-    if hasattr(explainer, "groups"):
-        for g in explainer.groups(shape, patch, stride, tau, origins):
-            explainer.plan(shape, patch, stride, tau, origins[g])
-    else:
-        explainer.plan(shape, patch, stride, tau)
-    explainer.estimate(shape, patch, stride, tau)
+    """Build every plan explain() will use for the full grid at (patch, stride, tau), outside the timing."""
+    explainer.prepare(shape, patch, stride, tau)
 
 
 def prepare_explainer(case: Case, taus) -> dict:

@@ -109,8 +109,7 @@ class KryptonHandler(BaseHandler):
             return
         t0 = time.perf_counter()
         try:
-            self.explainer.plan((1, 3, c, c), d.patch_size, d.stride)
-            self.explainer.estimate((1, 3, c, c), d.patch_size, d.stride)
+            self.explainer.prepare((1, 3, c, c), d.patch_size, d.stride)
         except Exception:  # a warm-up must not keep the model from loading
             logger.warning("model %s: warm-up plan failed", self.model_name, exc_info=True)
             return

@@ -223,6 +223,18 @@ class Explainer:
             self._plans.put(key, plan)
         return plan
 
+    def prepare(self, input_shape, patch_size: int, stride: int, tau: float = 1.0) -> None:
+        """Build and cache every plan explain() needs for the full grid (e.g. when a server starts)."""
+        h, w = input_shape[2], input_shape[3]
+        origins = geo.grid_origins(h, w, patch_size, stride)
+        for group in self.groups(tuple(input_shape), patch_size, stride, tau, origins):
+            self.plan(tuple(input_shape), patch_size, stride, tau, origins[group])
+        self.estimate(tuple(input_shape), patch_size, stride, tau)
+
+    def clear_cache(self) -> None:
+        """Forget the materialized activations kept between calls (plans stay cached)."""
+        self._mats = _LRU(self._mats.capacity, weigh=self._mats.weigh)
+
     def materialized(self, image: torch.Tensor) -> tuple[Materialized, str]:
         key = _image_key(image)
         mats = self._mats.get(key)

@@ -129,6 +129,18 @@ def test_materialized_activations_are_reused():
     second = explainer.explain(image, patch_size=6, stride=2)
     assert (first.cache, second.cache) == ("miss", "hit")
     assert explainer.explain(image + 1, patch_size=4, stride=4).cache == "miss"
+    explainer.clear_cache()
+    assert explainer.explain(image, patch_size=4, stride=4).cache == "miss"
+
+
+def test_prepare_builds_the_plans_explain_uses():
+    model = _net("strided", torch.float32)
+    explainer = krypton.Explainer(model)
+    explainer.prepare((1, 3, 20, 20), 4, 2)
+    built = len(explainer._plans.items)
+    assert built >= 2  # the grid's plan(s) and the centre estimate
+    explainer.explain(torch.randn(3, 20, 20), patch_size=4, stride=2)
+    assert len(explainer._plans.items) == built
 
 
 def test_attribution_is_mean_drop_over_covering_windows():
