@@ -231,6 +231,8 @@ class KryptonHandler(BaseHandler):
 
             body = {"stage": stage, "heatmap": coarse.heatmap.detach().float().cpu().tolist(),
                     "label": int(coarse.label), "probability": float(coarse.probability)}
+            # headers leave with the first chunk: a streamed body is newline-delimited JSON documents
+            context.set_response_content_type(idx, "application/x-ndjson")
             send_intermediate_predict_response([json.dumps(body) + "\n"], context.request_ids,
                                                "Intermediate response", 200, context)
 
@@ -338,5 +340,6 @@ class KryptonHandler(BaseHandler):
         if body["label_name"] is None:
             del body["label_name"], body["predicted_name"]
         timings["request"] = (time.perf_counter() - t0) * 1e3  # decode to JSON, this worker
-        self.context.set_response_content_type(idx, _JSON)
+        if self.context.get_response_content_type(idx) != "application/x-ndjson":  # not streamed
+            self.context.set_response_content_type(idx, _JSON)
         return json.dumps(body)

@@ -426,7 +426,7 @@ def test_handler_drilldown_reports_and_streams_the_coarse_map(handler):
     headers = {"explain": "True", "X-Krypton-Stride": "4", "X-Krypton-Drilldown": '{"r": 0.25, "target_speedup": 3}',
                "X-Krypton-Stream": "true"}
     [(status, ctype, body)] = run(h, ctx, [({"body": bytearray(img)}, headers)])
-    assert (status, ctype) == (200, "application/json"), body
+    assert (status, ctype) == (200, "application/x-ndjson"), body  # the final document ends the stream
     out = json.loads(body)
     assert out["heatmap_shape"] == [7, 7]
     assert out["drilldown"]["r"] == 0.25 and len(out["drilldown"]["refined"]) == 13  # ceil(0.25 * 49)

@@ -352,3 +352,19 @@ def test_token_authorization_on(tmp_path):
         assert status in (400, 401, 403)
         status, _, body = ts.request("POST", "/predictions/tiny", image_bytes(seed=50))
         assert status == 200, body
+
+
+def test_drilldown_streams_the_coarse_map_first(server):
+    """stream=true: the stage-1 map arrives as a TorchServe intermediate response (a first HTTP chunk),
+    then the final explanation; without stream the same request gives the single final response."""
+    img = image_bytes(48, 40, seed=21)
+    opts = {"stride": 4, "drilldown": '{"r": 0.25, "target_speedup": 3}'}
+    status, headers, body = explain_raw(server, img, stream="true", **opts)
+    assert status == 200, body[:500]
+    assert headers["content-type"].startswith("application/x-ndjson")
+    first, _, rest = body.partition(b"\n")
+    coarse, final = json.loads(first), json.loads(rest)
+    assert coarse["stage"] == "coarse" and len(coarse["heatmap"]) == len(final["heatmap"]) == 7
+    assert len(final["drilldown"]["refined"]) == 13
+    single = ok_json(explain_raw(server, img, **opts))
+    assert single["heatmap"] == final["heatmap"] and single["cache"] == "hit"
