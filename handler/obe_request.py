@@ -127,6 +127,15 @@ def _cfg_triple(path: str, value: Any, positive: bool) -> Tuple[float, float, fl
     return tuple(float(v) for v in value)
 
 
+def _section(cfg: Mapping[str, Any], name: str, fields_of) -> Dict[str, Any]:
+    """One sub-section of the handler config; keys that are not fields of `fields_of` are typos."""
+    section = dict(cfg.get(name) or {})
+    bad = sorted(set(section) - set(fields_of.__dataclass_fields__))
+    if bad:
+        raise ValueError(f"model-config.yaml handler.{name}: unknown keys {bad}")
+    return section
+
+
 def settings_from_config(handler_cfg: Optional[Mapping[str, Any]]) -> Settings:
     """Validate the ``handler:`` section of model-config.yaml; typos fail at model load."""
     cfg = dict(handler_cfg or {})
@@ -154,10 +163,7 @@ def settings_from_config(handler_cfg: Optional[Mapping[str, Any]]) -> Settings:
     if "topk" in cfg:
         s.topk = _cfg_int("topk", cfg["topk"], 1, 1000)
 
-    pre = dict(cfg.get("preprocess") or {})
-    bad = sorted(set(pre) - set(Preprocess.__dataclass_fields__))
-    if bad:
-        raise ValueError(f"model-config.yaml handler.preprocess: unknown keys {bad}")
+    pre = _section(cfg, "preprocess", Preprocess)
     p = Preprocess()
     if "resize" in pre:
         p.resize = _cfg_int("preprocess.resize", pre["resize"], 1, 8192, allow_none=True)
@@ -169,29 +175,18 @@ def settings_from_config(handler_cfg: Optional[Mapping[str, Any]]) -> Settings:
         p.std = _cfg_triple("preprocess.std", pre["std"], positive=True)
     s.preprocess = p
 
-    lim = dict(cfg.get("limits") or {})
-    bad = sorted(set(lim) - set(Limits.__dataclass_fields__))
-    if bad:
-        raise ValueError(f"model-config.yaml handler.limits: unknown keys {bad}")
+    lim = _section(cfg, "limits", Limits)
     L = Limits()
-    if "max_body_bytes" in lim:
-        L.max_body_bytes = _cfg_int("limits.max_body_bytes", lim["max_body_bytes"], 1)
-    if "max_image_pixels" in lim:
-        L.max_image_pixels = _cfg_int("limits.max_image_pixels", lim["max_image_pixels"], 1)
-    if "max_positions" in lim:
-        L.max_positions = _cfg_int("limits.max_positions", lim["max_positions"], 1)
-    if "max_batch_size" in lim:
-        L.max_batch_size = _cfg_int("limits.max_batch_size", lim["max_batch_size"], 1)
+    for key in ("max_body_bytes", "max_image_pixels", "max_positions", "max_batch_size"):
+        if key in lim:
+            setattr(L, key, _cfg_int(f"limits.{key}", lim[key], 1))
     if "formats" in lim:
         if not isinstance(lim["formats"], (list, tuple)) or not lim["formats"]:
             raise _config_error("limits.formats", lim["formats"], "a non-empty list of PIL format names")
         L.formats = tuple(str(f).upper() for f in lim["formats"])
     s.limits = L
 
-    d = dict(cfg.get("defaults") or {})
-    bad = sorted(set(d) - set(Defaults.__dataclass_fields__))
-    if bad:
-        raise ValueError(f"model-config.yaml handler.defaults: unknown keys {bad}")
+    d = _section(cfg, "defaults", Defaults)
     D = Defaults()
     try:
         if "patch_size" in d:
