@@ -129,6 +129,7 @@ class BatchRunner:
         plan, b = self.plan, stop - start
         patches: dict[fx.Node, torch.Tensor] = {}
         fulls: dict[fx.Node, object] = {}
+        env = _BatchEnv(self.mats.values, plan.states, fulls)  # global nodes' argument lookup
         for idx, step in enumerate(plan.steps):
             kind = step.kind
             if kind == "input":
@@ -158,7 +159,6 @@ class BatchRunner:
             elif kind == "full_inplace":
                 fulls[step.node] = step.spec.extra["inplace_fn"](fulls[step.inputs[0]])
             else:  # full
-                env = _BatchEnv(self.mats.values, plan.states, fulls)
                 fulls[step.node] = _run_node(self.capture, step.node, env)
             for n in step.inputs:
                 if plan.last_use.get(n) == idx:

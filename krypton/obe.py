@@ -224,7 +224,7 @@ class Explainer:
         """Build and cache every plan explain() needs for the full grid (e.g. when a server starts)."""
         h, w = input_shape[2], input_shape[3]
         origins = geo.grid_origins(h, w, patch_size, stride)
-        for group in self.groups(tuple(input_shape), patch_size, stride, tau, origins):
+        for group in self.groups(tuple(input_shape), patch_size, stride, tau):
             self.plan(tuple(input_shape), patch_size, stride, tau, origins[group])
         self.estimate(tuple(input_shape), patch_size, stride, tau)
 
@@ -281,7 +281,8 @@ class Explainer:
 
         n = len(all_origins)
         if method == "incremental":
-            groups = self.groups(shape, patch_size, stride, tau, all_origins)
+            # an explicit list of origins (drill-down) runs as one group
+            groups = self.groups(shape, patch_size, stride, tau) if origins is None else [np.arange(n)]
             plans = [self.plan(shape, patch_size, stride, tau, all_origins[g]) for g in groups]
             per_position = max(p.peak_bytes_per_position for p in plans)
         else:
@@ -319,21 +320,20 @@ class Explainer:
             groups=len(groups), cache=cache, tau=float(tau),
         )
 
-    def groups(self, input_shape, patch_size: int, stride: int, tau: float, origins: np.ndarray) -> list:
-        """Position groups that run as separate plans with tighter windows (see grouping.py).
+    def groups(self, input_shape, patch_size: int, stride: int, tau: float = 1.0) -> list:
+        """Position groups of the full grid that run as separate plans with tighter windows (grouping.py).
 
-        Only the full grid is split; an explicit list of origins (drill-down) runs as one group.
+        Returns row-major index arrays into geometry.grid_origins(...); cached per shape/patch/stride/tau.
         """
-        h, w = input_shape[2], input_shape[3]
-        grid = geo.grid_shape(h, w, patch_size, stride)
-        if len(origins) != grid[0] * grid[1] or not np.array_equal(
-                origins, geo.grid_origins(h, w, patch_size, stride)):
-            return [np.arange(len(origins))]
         key = (tuple(input_shape), patch_size, stride, float(tau))
         if key not in self._groups:
+            h, w = input_shape[2], input_shape[3]
+            origins = geo.grid_origins(h, w, patch_size, stride)
+
             def cost(indices):
                 return self.plan(input_shape, patch_size, stride, tau, origins[indices]).macs()[1] * len(indices)
-            self._groups[key] = choose_groups(grid, stride, cost)
+
+            self._groups[key] = choose_groups(geo.grid_shape(h, w, patch_size, stride), stride, cost)
         return self._groups[key]
 
     def estimate(self, input_shape, patch_size: int, stride: int, tau: float = 1.0) -> Plan:

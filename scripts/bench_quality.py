@@ -61,16 +61,8 @@ def machine() -> dict:
 
 
 def prebuild(explainer, shape, patch, stride, tau):
-    """Grid plans (and the lead's position groups, when the engine has them) outside the timed region."""
-    h, w = shape[2], shape[3]
-    origins = krypton.geometry.grid_origins(h, w, patch, stride)
-    if hasattr(explainer, "groups"):
-        for g in explainer.groups(shape, patch, stride, tau, origins):
-            explainer.plan(shape, patch, stride, tau, origins[g])
-    else:
-        explainer.plan(shape, patch, stride, tau)
-    explainer.estimate(shape, patch, stride, tau)
-    explainer.estimate(shape, patch, stride, 1.0)
+    """Grid plans (position groups included) and the centre estimate, outside the timed region."""
+    explainer.prepare(shape, patch, stride, tau)
 
 
 def timed(explainer, image, repeats=1, **options):

@@ -23,7 +23,7 @@ def grouped_bound(explainer: krypton.Explainer, size: int, patch: int, stride: i
     shape = (1, 3, size, size)
     origins = geo.grid_origins(size, size, patch, stride)
     full = executed = 0
-    for group in explainer.groups(shape, patch, stride, tau, origins):
+    for group in explainer.groups(shape, patch, stride, tau):
         f, i = explainer.plan(shape, patch, stride, tau, origins[group]).macs()
         full, executed = full + f * len(group), executed + i * len(group)
     return full / executed
