@@ -367,4 +367,7 @@ def test_drilldown_streams_the_coarse_map_first(server):
     assert coarse["stage"] == "coarse" and len(coarse["heatmap"]) == len(final["heatmap"]) == 7
     assert len(final["drilldown"]["refined"]) == 13
     single = ok_json(explain_raw(server, img, **opts))
-    assert single["heatmap"] == final["heatmap"] and single["cache"] == "hit"
+    # the tiny model has 2 workers: the repeat may land on the other one (cache miss, own oneDNN run),
+    # so compare within float32 tolerance like the other server tests
+    assert np.allclose(np.array(single["heatmap"]), np.array(final["heatmap"]), atol=1e-6, rtol=0)
+    assert len(single["drilldown"]["refined"]) == len(final["drilldown"]["refined"]) == 13
