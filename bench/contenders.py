@@ -15,10 +15,7 @@ Every function returns a Result; nothing here prints or decides presets (scripts
 from __future__ import annotations
 
 import copy
-import importlib
-import inspect
 import math
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -27,11 +24,11 @@ import torch
 
 import krypton
 from krypton import geometry as geo
+from krypton.approx import resolve_drilldown
 
 from .measure import Meter
 
 # The paper's tau for target SSIM 0.9 (SIGMOD'19 §4 / method.md §4).
-PAPER_TAU = {"vgg16": 0.5, "resnet18": 0.7, "inception_v3": 0.9}
 
 
 @dataclass
@@ -264,49 +261,16 @@ def run_captum_occlusion(case: Case, ppe: int, sample_batches: int | None) -> Re
 # ---------------------------------------------------------------------------------------------
 # krypton (exact and approximate), through the public API
 # ---------------------------------------------------------------------------------------------
-def engine_capabilities() -> dict:
-    """Which approximate-mode entry points this krypton offers (they land while this is written)."""
-    params = inspect.signature(krypton.Explainer.explain).parameters
-    caps = {k: k in params for k in ("tau", "drilldown", "target_ssim", "mode", "cuda_graphs", "origins")}
-    try:
-        approx = importlib.import_module("krypton.approx")
-    except ImportError:
-        approx = None
-    caps["approx_module"] = approx is not None
-    caps["explain_approximate"] = hasattr(approx, "explain_approximate")
-    caps["tuning_for"] = hasattr(krypton, "tuning_for")
-    caps["heatmap_ssim"] = hasattr(krypton, "heatmap_ssim")
-    return caps
-
-
 def drilldown_options(r: float, target: float) -> dict:
     """explain() keyword arguments for adaptive drill-down (r = fraction of the map refined at the
-    requested stride, target = target speedup of drill-down over the one-stage run), as
-    krypton/approx.py spells them (resolve_drilldown: a dict with r, target_speedup or s1)."""
+    requested stride, target = target speedup of drill-down over the one-stage run)."""
     return {"drilldown": {"r": r, "target_speedup": target}}
 
 
-def tuned_tau(model_name: str, target_ssim: float = 0.9) -> tuple[float | None, str]:
-    """(tau, source) for `target_ssim`: krypton.tuning_for(name) when the engine has it (a tuned file in
-    krypton/tuned/, else the paper's tau, else its default), else the paper's taus only."""
-    tuning_for = getattr(krypton, "tuning_for", None)
-    if tuning_for is not None:
-        tuning = tuning_for(model_name)
-        return float(tuning.tau_for(target_ssim)), f"{tuning.source} tau"
-    if model_name in PAPER_TAU:
-        return PAPER_TAU[model_name], "paper tau"
-    return None, "no tuned tau (krypton.tuning_for missing)"
-
-
-def clear_activation_cache(explainer) -> None:
-    """Forget the materialized activations kept between calls, so every timed run pays for its own
-    clean pass (as for a new image) while drill-down's stage 2 can still reuse stage 1's, as designed."""
-    explainer.clear_cache()
-
-
-def _warm_plans(explainer, shape, patch: int, stride: int, tau: float) -> None:
-    """Build every plan explain() will use for the full grid at (patch, stride, tau), outside the timing."""
-    explainer.prepare(shape, patch, stride, tau)
+def tuned_tau(model_name: str, target_ssim: float = 0.9) -> tuple[float, str]:
+    """(tau, source) for `target_ssim`: a tuned file in krypton/tuned/, else the paper's tau, else the default."""
+    tuning = krypton.tuning_for(model_name)
+    return float(tuning.tau_for(target_ssim)), f"{tuning.source} tau"
 
 
 def prepare_explainer(case: Case, taus) -> dict:
@@ -316,43 +280,32 @@ def prepare_explainer(case: Case, taus) -> dict:
     built = {}
     for tau in taus:
         t = time.perf_counter()
-        _warm_plans(case.explainer, shape, case.patch, case.stride, tau)
+        case.explainer.prepare(shape, case.patch, case.stride, tau)
         built[tau] = time.perf_counter() - t
     return built
 
 
 def run_krypton(case: Case, tau: float = 1.0, drilldown: tuple[float, float] | None = None,
-                batch_size: int | None = None, extra_options: dict | None = None,
-                label: str | None = None) -> Result:
+                batch_size: int | None = None, label: str | None = None) -> Result:
     exact = tau == 1.0 and drilldown is None
     config = {"tau": tau, "batch": batch_size or "auto"}
-    options = dict(extra_options or {})
+    options = {}
     if tau != 1.0:
         options["tau"] = tau
     if drilldown is not None:
         config["drilldown"] = {"r": drilldown[0], "target": drilldown[1]}
         options.update(drilldown_options(*drilldown))
-    name = label or ("krypton exact" if exact and not extra_options else f"krypton tau={tau:g}" + (
+        _prebuild_stage1(case, tau, drilldown)
+    name = label or ("krypton exact" if exact else f"krypton tau={tau:g}" + (
         f" + drill-down r={drilldown[0]:g} t={drilldown[1]:g}" if drilldown else ""))
     res = Result("krypton-exact" if exact else "krypton-approx", name, config)
-    caps = engine_capabilities()
     ex, meter = case.explainer, case.meter
-    call = ex.explain
-    missing = [k for k in options if not caps.get(k)]
-    if missing and caps["explain_approximate"] and set(missing) <= {"drilldown", "target_ssim", "mode"}:
-        approx = importlib.import_module("krypton.approx")
-        call = lambda image, **kw: approx.explain_approximate(ex, image, **kw)  # noqa: E731
-        res.notes.append("called krypton.approx.explain_approximate (Explainer.explain has no drilldown yet)")
-        missing = []
-    if missing:
-        res.skipped = f"this krypton's explain() has no {', '.join(missing)} option yet"
-        return res
-    if drilldown is not None and caps["approx_module"]:
-        _prebuild_stage1(case, tau, drilldown)
-    clear_activation_cache(ex)
+    # every timed run pays for its own clean pass (as for a new image); drill-down's stage 2 still
+    # reuses stage 1's activations, as designed
+    ex.clear_cache()
     with meter.measure() as m:
-        e = call(case.image, patch_size=case.patch, stride=case.stride, fill=case.fill, target=case.label,
-                 batch_size=batch_size, **options)
+        e = ex.explain(case.image, patch_size=case.patch, stride=case.stride, fill=case.fill, target=case.label,
+                       batch_size=batch_size, **options)
     res.seconds = m.seconds
     res.peak_bytes = m.peak_bytes
     res.batch_size = e.batch_size
@@ -360,39 +313,16 @@ def run_krypton(case: Case, tau: float = 1.0, drilldown: tuple[float, float] | N
     res.explanation = e
     res.positions_total = res.positions_timed = int(np.prod(case.grid))
     res.theoretical_centre = float(e.theoretical_speedup)
-    res.extra = {"timings_ms": dict(e.timings_ms), "memory": dict(e.memory), "cache": e.cache,
-                 "tau_used": getattr(e, "tau", tau)}
-    extra = e.extra or {}
-    executed = getattr(e, "executed_speedup", None) or extra.get("executed_speedup")
-    dd = extra.get("drilldown")
-    if dd is None:
-        if executed is not None:
-            res.theoretical_executed = float(executed)
-        else:
-            res.theoretical_executed = float(ex.plan(tuple(case.image.shape), case.patch, case.stride, tau)
-                                             .theoretical_speedup())
-            res.notes.append("theoretical (executed) = the grid plan's conv MACs (this engine reports no "
-                             "executed_speedup)")
-    else:
-        pos = dd.get("positions", {})
-        run = pos.get("stage1", 0) + pos.get("stage2", 0)
-        if dd.get("executed_speedup") is not None:  # full-grid naive MACs / MACs of both stages
-            res.theoretical_executed = float(dd["executed_speedup"])
-        elif run and executed is not None:
-            # The explanation's executed_speedup covers stage 2 only; stage-1 positions have (nearly) the
-            # same windows per position, so scale by the positions actually run.
-            res.theoretical_executed = float(executed) * pos.get("full", 0) / run
-            res.notes.append("drill-down theoretical (executed) = stage 2's executed_speedup x full positions / "
-                             "positions run (stage 1 + 2); exact once the engine reports "
-                             "extra['drilldown']['executed_speedup']")
-        est = (extra.get("approximation") or {}).get("drilldown_speedup")
-        if est:
-            res.theoretical_centre = float(e.theoretical_speedup) * float(est)
+    res.theoretical_executed = float(e.executed_speedup)  # both drill-down stages included
+    res.extra = {"timings_ms": dict(e.timings_ms), "memory": dict(e.memory), "cache": e.cache, "tau_used": e.tau,
+                 "groups": e.groups}
+    dd = e.extra.get("drilldown")
+    if dd is not None:
+        res.theoretical_centre = float(e.theoretical_speedup) * float(e.extra["approximation"]["drilldown_speedup"])
         res.extra["drilldown"] = {k: dd.get(k) for k in ("r", "s1", "s2", "target_speedup", "estimated_speedup",
-                                                          "position_speedup", "positions", "executed_speedup")}
-    res.extra["groups"] = getattr(e, "groups", None)
-    if "approximation" in extra:
-        res.extra["approximation"] = {k: v for k, v in extra["approximation"].items() if k != "tuning"}
+                                                          "position_speedup", "positions")}
+    if "approximation" in e.extra:
+        res.extra["approximation"] = {k: v for k, v in e.extra["approximation"].items() if k != "tuning"}
     if case.exact is not None and res.heatmap.shape == case.exact.heatmap.shape:
         ref = case.exact.heatmap.double()
         res.ssim = heatmap_ssim(ref, res.heatmap)
@@ -404,7 +334,7 @@ def probe_incremental_memory(case: Case, batch: int, positions: np.ndarray) -> i
     """Peak memory of an incremental run at `batch` (materialization + batches of `batch` positions),
     measured on a subset of positions through explain(origins=...): the same plan windows, fewer
     batches. Not timed."""
-    clear_activation_cache(case.explainer)
+    case.explainer.clear_cache()
     with case.meter.measure() as m:
         case.explainer.explain(case.image, patch_size=case.patch, stride=case.stride, fill=case.fill,
                                target=case.label, batch_size=batch, origins=positions)
@@ -434,42 +364,17 @@ def run_integrated_gradients(case: Case, steps: int, internal_batch: int) -> Res
 
 # ---------------------------------------------------------------------------------------------
 def heatmap_ssim(a: torch.Tensor, b: torch.Tensor) -> float | None:
-    """SSIM of two maps: krypton.heatmap_ssim (the tuner's definition) when the engine has it, else the
-    same definition here: skimage structural_similarity, data_range = max - min over BOTH maps
-    (probabilities of random-init models span a tiny range: data_range = 1 would call any two maps
-    identical), win_size 7 or the largest odd size that fits."""
-    a = a.double().cpu().numpy()
-    b = b.double().cpu().numpy()
-    engine = getattr(krypton, "heatmap_ssim", None)
-    if engine is not None:
-        try:
-            return float(engine(a, b))
-        except ValueError:
-            return None
-    from skimage.metrics import structural_similarity
-
-    rng = float(max(a.max(), b.max()) - min(a.min(), b.min()))
-    if rng <= 0:
-        return 1.0
-    win = min(7, *a.shape)
-    win -= 1 - win % 2
-    if win < 3:
+    """krypton.heatmap_ssim (the tuner's definition), or None for maps too small for SSIM."""
+    try:
+        return float(krypton.heatmap_ssim(a, b))
+    except ValueError:
         return None
-    return float(structural_similarity(a, b, data_range=rng, win_size=win))
 
 
 def _prebuild_stage1(case: Case, tau: float, drilldown) -> None:
-    """Build drill-down's stage-1 plan (the full grid at the coarse stride S1, cacheable per model like
+    """Build drill-down's stage-1 plans (the full grid at the coarse stride S1, cacheable per model like
     every grid plan) outside the timed region. Stage 2's positions depend on the image, so its plan is
     built inside the timed call: that is a real per-request cost of drill-down."""
-    approx = importlib.import_module("krypton.approx")
-    resolve = getattr(approx, "resolve_drilldown", None)
-    if resolve is None:
-        return
     _, _, h, w = case.image.shape
-    try:
-        dd = resolve(drilldown_options(*drilldown)["drilldown"], h, w, case.patch, case.stride)
-    except (TypeError, ValueError):
-        return
-    if dd is not None:
-        _warm_plans(case.explainer, tuple(case.image.shape), case.patch, dd.s1, tau)
+    dd = resolve_drilldown(drilldown_options(*drilldown)["drilldown"], h, w, case.patch, case.stride)
+    case.explainer.prepare(tuple(case.image.shape), case.patch, dd.s1, tau)

@@ -1,8 +1,10 @@
 """Krypton: fast occlusion-based explanations of CNNs by incremental inference (SIGMOD 2019)."""
+from .approx import refined_mask
+from .errors import ModelError, OptionError
 from .geometry import grid_shape
 from .obe import Explainer, Explanation, SpeedupEstimate, estimate_speedup, explain
-from .approx import refined_mask
+from .rules import Rule
 from .tuning import Tuning, heatmap_ssim, load_tuning, tuning_for
 
-__all__ = ["Explainer", "Explanation", "SpeedupEstimate", "estimate_speedup", "explain", "grid_shape",
-           "refined_mask", "Tuning", "heatmap_ssim", "load_tuning", "tuning_for"]
+__all__ = ["Explainer", "Explanation", "ModelError", "OptionError", "Rule", "SpeedupEstimate", "estimate_speedup",
+           "explain", "grid_shape", "refined_mask", "Tuning", "heatmap_ssim", "load_tuning", "tuning_for"]

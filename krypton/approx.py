@@ -1,7 +1,8 @@
 """Approximate OBE (SIGMOD'19 §4): mode resolution, tau from a target SSIM, and adaptive drill-down.
 
-Projective-field thresholding itself lives in geometry.py / plan.py (`tau`); this module decides which
-tau a request gets and orchestrates the two-stage drill-down on top of Explainer.explain.
+Projective-field thresholding itself lives in geometry.py / plan.py (`tau`) and the choice of tau in
+options.py; this module holds the pure pieces of the two-stage drill-down, which Explainer runs: the
+stage arithmetic (eq. 28-30), the stage-1 -> stage-2 mapping, the selection and the merge.
 
 Drill-down, precisely
 ---------------------
@@ -12,8 +13,8 @@ Drill-down, precisely
   coincides with a stage-1 corner gets that stage-1 value exactly.
 - Selection: the k = ceil(r * N2) cells with the largest drops (clean probability - coarse value, i.e.
   the lowest coarse values) are refined; ties go to the lower row-major index (a stable sort).
-- Stage 2 runs only those k positions at stride S2 (Explainer.explain(origins=...), in row-major order)
-  against the materialized activations of stage 1 (the Explainer's activation cache: "hit").
+- Stage 2 runs only those k positions at stride S2 (explicit origins, in row-major order) against the
+  materialized activations of stage 1 (the Explainer's activation cache: "hit").
 - Merge: the heatmap on the stage-2 grid holds the stage-2 value at refined cells and the coarse value
   everywhere else. With r = 1 every cell is refined and the map equals the full map at S2 bit for bit.
 - S1: given (`s1`), or from r and a target speedup by eq. 29, S1 = sqrt(t / (1 - r t)) * S2, rounded UP
@@ -29,16 +30,14 @@ Drill-down, precisely
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from . import geometry as geo
-from . import tuning as tun
+from .errors import OptionError
 
-MODES = ("exact", "approximate")
 DEFAULT_R = 0.25
 DEFAULT_TARGET_SPEEDUP = 3.0
 DRILLDOWN_KEYS = ("r", "target_speedup", "s1")
@@ -62,7 +61,7 @@ def s1_for_speedup(r: float, target: float, s2: int) -> float:
 
 def _number(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"drilldown {name}={value!r} must be a finite number")
+        raise OptionError(f"drilldown.{name}", value, "a finite number", "must be a finite number")
     return float(value)
 
 
@@ -85,7 +84,7 @@ class DrillDown:
 
 def resolve_drilldown(spec, height: int, width: int, patch_size: int, stride: int) -> DrillDown | None:
     """Validate a drill-down request (None/False: off; True or {}: defaults; dict with r, target_speedup
-    or s1) against the image and the requested stride S2. Raises ValueError naming the parameter."""
+    or s1) against the image and the requested stride S2. Raises OptionError naming the parameter."""
     if spec is None or spec is False:
         return None
     if spec is True:
@@ -93,30 +92,32 @@ def resolve_drilldown(spec, height: int, width: int, patch_size: int, stride: in
     if isinstance(spec, DrillDown):
         spec = {"r": spec.r, "s1": spec.s1}
     if not isinstance(spec, dict):
-        raise ValueError(f"drilldown={spec!r} must be a dict with keys {', '.join(DRILLDOWN_KEYS)} (or true)")
+        raise OptionError("drilldown", spec, f"true, false or a dict with keys {', '.join(DRILLDOWN_KEYS)}",
+                          "must be a dict or a boolean")
     unknown = sorted(set(spec) - set(DRILLDOWN_KEYS))
     if unknown:
-        raise ValueError(f"drilldown: unknown key(s) {unknown}; allowed {list(DRILLDOWN_KEYS)}")
+        raise OptionError("drilldown", spec, f"keys {', '.join(DRILLDOWN_KEYS)}", f"has unknown key(s) {unknown}")
     geo.grid_shape(height, width, patch_size, stride)
     s2 = stride
     r = _number("r", spec.get("r", DEFAULT_R))
     if not 0.0 < r <= 1.0:
-        raise ValueError(f"drilldown r={r!r} is out of range: allowed (0, 1]")
+        raise OptionError("drilldown.r", r, "(0, 1]")
     limit = min(height, width)  # the largest stride grid_shape accepts: W of eq. 30
     if spec.get("s1") is not None:
         if spec.get("target_speedup") is not None:
-            raise ValueError("drilldown: give target_speedup or s1, not both")
+            raise OptionError("drilldown.s1", spec["s1"], "either target_speedup or s1, not both",
+                              "conflicts with target_speedup")
         s1 = spec["s1"]
         if isinstance(s1, bool) or not isinstance(s1, (int, np.integer)) or not s2 <= s1 <= limit:
-            raise ValueError(f"drilldown s1={s1!r} is out of range: allowed integers {s2}..{limit} "
-                             f"(the stage-2 stride {s2} up to the image side {limit})")
+            raise OptionError("drilldown.s1", s1, f"integers {s2}..{limit} (the stage-2 stride {s2} up to "
+                              f"the image side {limit})")
         return DrillDown(r, int(s1), s2, None, "given")
     target = _number("target_speedup", spec.get("target_speedup", DEFAULT_TARGET_SPEEDUP))
     lo, hi = 1.0 / (1.0 + r), max_drilldown_speedup(limit, s2, r)
     if not lo <= target < hi:
-        raise ValueError(f"drilldown target_speedup={target:g} is out of range: allowed [{lo:.4g}, {hi:.4g}) "
-                         f"for r={r:g}, stride={s2} and a {height}x{width} image (eq. 30: below "
-                         f"min(W^2/(S2^2 + r W^2), 1/r), W={limit}; at least 1/(1+r), where S1 = S2)")
+        raise OptionError("drilldown.target_speedup", target, shown=f"{target:g}", allowed=
+                          f"[{lo:.4g}, {hi:.4g}) for r={r:g}, stride={s2} and a {height}x{width} image (eq. 30: "
+                          f"below min(W^2/(S2^2 + r W^2), 1/r), W={limit}; at least 1/(1+r), where S1 = S2)")
     # Round S1 up to a multiple of S2: every stage-1 corner is then a stage-2 corner (its value is exact in
     # the merged map) and eq. 28 gives at least the target; never past the largest stride.
     s1 = s2 * math.ceil(s1_for_speedup(r, target, s2) / s2 - 1e-9)
@@ -157,123 +158,16 @@ def refined_mask(explanation) -> torch.Tensor:
     """The refined cells of a drill-down Explanation as a bool tensor on its heatmap grid."""
     dd = explanation.extra.get("drilldown")
     if dd is None:
-        raise ValueError("this explanation did not use drill-down")
+        raise OptionError("explanation", "without drill-down", "an Explanation computed with drilldown",
+                          "has no refined cells")
     mask = torch.zeros(explanation.heatmap.shape, dtype=torch.bool)
     cells = torch.as_tensor(dd["refined"], dtype=torch.int64).reshape(-1, 2)
     mask[cells[:, 0], cells[:, 1]] = True
     return mask
 
 
-# ---- tau and mode resolution -----------------------------------------------------------------------------
-def resolve(explainer, tau=1.0, target_ssim=None, drilldown=None, mode=None) -> tuple[float, dict, object]:
-    """Turn (tau, target_ssim, drilldown, mode) into (tau, report, drilldown spec).
-
-    - mode="exact": tau 1, no drill-down; an explicit tau < 1, target_ssim or drilldown is an error.
-    - mode="approximate": tau = the given tau if < 1, else the model's tuned tau for target_ssim (default
-      0.9); drill-down with r = 0.25, target speedup 3 unless `drilldown` says otherwise (False: off).
-    - no mode: tau as given (1.0 = exact) or from target_ssim; drill-down only if asked for.
-    tau = 1.0 counts as "not given" (it is the default).
-    """
-    if mode is not None and mode not in MODES:
-        raise ValueError(f"mode={mode!r} is not allowed: use one of {', '.join(MODES)}")
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 < tau <= 1.0:
-        raise ValueError(f"tau={tau!r} is out of range: allowed (0, 1]")
-    tau = float(tau)
-    if mode == "exact":
-        for name, value, bad in (("tau", tau, tau < 1.0), ("target_ssim", target_ssim, target_ssim is not None),
-                                 ("drilldown", drilldown, drilldown not in (None, False))):
-            if bad:
-                raise ValueError(f"{name}={value!r} contradicts mode='exact' (which means tau=1 and no drill-down)")
-        return 1.0, {"mode": "exact", "tau": 1.0, "tau_source": "exact"}, None
-    if target_ssim is not None and tau < 1.0:
-        raise ValueError(f"give tau or target_ssim, not both (got tau={tau:g}, target_ssim={target_ssim!r})")
-    report = {"mode": mode or ("approximate" if tau < 1.0 or target_ssim is not None or drilldown else "exact")}
-    if tau < 1.0:
-        report.update(tau=tau, tau_source="given")
-    elif target_ssim is not None or mode == "approximate":
-        target = tun.check_target_ssim(tun.DEFAULT_TARGET_SSIM if target_ssim is None else target_ssim)
-        tuning = getattr(explainer, "tuning", None) or tun.tuning_for(explainer.model)
-        report.update(tuning.describe(target))
-        tau = report["tau"]
-    else:
-        report.update(tau=1.0, tau_source="exact")
-    if mode == "approximate" and drilldown is None:
-        drilldown = True
-    return tau, report, drilldown
-
-
-def explain_approximate(explainer, image, patch_size: int = 16, stride: int = 4, tau=1.0, target_ssim=None,
-                        drilldown=None, mode=None, progress=None, origins=None, **options):
-    """Explainer.explain with mode / target_ssim / drilldown resolved; see the module docstring.
-
-    `progress(stage, explanation)` is called with stage "coarse" and the stage-1 map (interpolated to the
-    stage-2 grid) before stage 2 runs, so a server can stream it.
-    """
-    t0 = time.perf_counter()
-    tau, report, dd_spec = resolve(explainer, tau, target_ssim, drilldown, mode)
-    shape = tuple(image.shape[-3:])
-    h, w = int(shape[-2]), int(shape[-1])
-    dd = resolve_drilldown(dd_spec, h, w, patch_size, stride)
-    if dd is not None and origins is not None:
-        raise ValueError("drilldown and origins cannot be combined: drill-down chooses its own positions")
-    if dd is None:
-        exp = explainer.explain(image, patch_size=patch_size, stride=stride, tau=tau, origins=origins, **options)
-        report["estimated_speedup"] = _tau_speedup(explainer, exp, patch_size, stride, tau)
-        exp.extra["approximation"] = report
-        return exp
-    return _drilldown(explainer, image, patch_size, dd, tau, report, progress, t0, options)
-
-
-def _tau_speedup(explainer, exp, patch_size, stride, tau) -> float:
-    """Theoretical speedup of tau over exact incremental inference (conv MACs, patch at the centre)."""
-    if tau >= 1.0:
-        return 1.0
-    shape = (1, len(exp.fill)) + tuple(exp.image_shape)
-    exact = explainer.estimate(shape, patch_size, stride, 1.0).theoretical_speedup()
-    return float(exp.theoretical_speedup / exact)
-
-
-def _drilldown(explainer, image, patch_size, dd: DrillDown, tau, report, progress, t0, options):
-    options = dict(options)
-    stage1 = explainer.explain(image, patch_size=patch_size, stride=dd.s1, tau=tau, **options)
-    h, w = stage1.image_shape
-    fine_shape = geo.grid_shape(h, w, patch_size, dd.s2)
-    coarse = coarse_to_fine(stage1.heatmap.double().numpy(), dd.s1, fine_shape, dd.s2)
-    mask = select_refined(coarse, stage1.probability, dd.r)
-    cells = np.argwhere(mask)  # row-major
-    t1 = time.perf_counter()
-    info = {**dd.to_dict(), "positions": {"stage1": stage1.positions, "stage2": int(len(cells)),
-                                          "full": int(mask.size)},
-            "stage1_heatmap": stage1.heatmap.tolist()}
-    info["position_speedup"] = mask.size / (stage1.positions + len(cells))
-    # With S1 > P the stage-1 patches leave unoccluded gaps: a region there cannot show a drop in stage 1.
-    info["stage1_covers_image"] = dd.s1 <= patch_size
-    if progress is not None:
-        coarse_exp = _with(stage1, heatmap=torch.from_numpy(coarse).to(stage1.heatmap.dtype), stride=dd.s2,
-                           extra={**stage1.extra, "stage": "coarse", "drilldown": dict(info),
-                                  "approximation": dict(report)})
-        progress("coarse", coarse_exp)
-    options["target"] = stage1.label  # stage 2 explains the same label
-    stage2 = explainer.explain(image, patch_size=patch_size, stride=dd.s2, tau=tau,
-                               origins=cells * dd.s2, **options)
-    merged = torch.from_numpy(coarse).to(stage2.heatmap.dtype)
-    merged[torch.from_numpy(mask)] = stage2.heatmap.reshape(-1)
-    t2 = time.perf_counter()
-    info.update(refined=cells.tolist(), stage2_cache=stage2.cache)
-    tau_speedup = _tau_speedup(explainer, stage2, patch_size, dd.s2, tau)
-    report.update(estimated_speedup=dd.estimated_speedup * tau_speedup, tau_speedup=tau_speedup,
-                  drilldown_speedup=dd.estimated_speedup)
-    timings = {"materialize": stage1.timings_ms.get("materialize", 0.0) + stage2.timings_ms.get("materialize", 0.0),
-               "stage1": stage1.timings_ms.get("total", 0.0), "stage2": stage2.timings_ms.get("total", 0.0),
-               "select": (t1 - t0) * 1e3 - stage1.timings_ms.get("total", 0.0), "total": (t2 - t0) * 1e3}
-    return _with(stage2, heatmap=merged, stride=dd.s2, timings_ms=timings, cache=stage1.cache,
-                 batch_size=max(stage1.batch_size, stage2.batch_size),
-                 memory={k: max(stage1.memory.get(k, 0), stage2.memory.get(k, 0))
-                         for k in set(stage1.memory) | set(stage2.memory)},
-                 extra={**stage2.extra, "drilldown": info, "approximation": report})
-
-
-def _with(exp, **changes):
-    from dataclasses import replace
-
-    return replace(exp, **changes)
+def merge(coarse_fine: np.ndarray, mask: np.ndarray, refined: torch.Tensor) -> torch.Tensor:
+    """The drill-down map: stage-2 values (row-major) at the refined cells, the coarse values elsewhere."""
+    merged = torch.from_numpy(np.array(coarse_fine, dtype=np.float64)).to(refined.dtype)
+    merged[torch.from_numpy(mask)] = refined.reshape(-1)
+    return merged

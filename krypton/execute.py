@@ -8,13 +8,14 @@ the network runs as usual on the batch.
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 from . import ops
-from .plan import CONST, INC, Plan, Step
+from .errors import ModelError
+from .nodes import CONST, INC
 
 
 class Materialized:
@@ -79,21 +80,27 @@ def _run_node(capture, node: fx.Node, env) -> object:
 
 
 @torch.no_grad()
-def materialize(capture, image: torch.Tensor) -> Materialized:
-    """Run the clean image (1, C, H, W) through the graph, keeping every node's output."""
+def run_graph(capture, image: torch.Tensor) -> dict[fx.Node, object]:
+    """Run `image` (1, C, H, W) through the graph, keeping every node's value (the output node's too)."""
     env: dict[fx.Node, object] = {}
-    output = None
     for node in capture.nodes:
         if node.op == "placeholder":
             env[node] = image
         elif node.op == "get_attr":
             env[node] = _get_attr(capture.gm, node.target)
         elif node.op == "output":
-            output = fx.node.map_arg(node.args[0], lambda n: env[n])
+            env[node] = fx.node.map_arg(node.args[0], lambda n: env[n])
         else:
             env[node] = _run_node(capture, node, env)
+    return env
+
+
+def materialize(capture, image: torch.Tensor) -> Materialized:
+    """All activations of the clean image; its output must be one row of logits."""
+    env = run_graph(capture, image)
+    output = env.pop(next(n for n in capture.nodes if n.op == "output"))
     if not isinstance(output, torch.Tensor) or output.dim() != 2 or output.shape[0] != 1:
-        raise ValueError("model output must be one logits tensor of shape (1, classes); got "
+        raise ModelError("model output must be one logits tensor of shape (1, classes); got "
                          f"{type(output).__name__}{tuple(output.shape) if isinstance(output, torch.Tensor) else ''}")
     return Materialized(env, output)
 
@@ -105,17 +112,31 @@ def _get_attr(gm: fx.GraphModule, target: str):
     return obj
 
 
+@dataclass
+class BatchState:
+    """The values of one batch of positions [start, stop) while its steps run."""
+
+    start: int
+    stop: int
+    env: "_BatchEnv"
+    patches: dict = field(default_factory=dict)  # node -> batch of changed patches
+    fulls: dict = field(default_factory=dict)  # node -> batch of full tensors
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
 class BatchRunner:
     """Runs a plan over slices of its positions against one set of materialized activations."""
 
-    def __init__(self, capture, plan: Plan, mats: Materialized, fill: torch.Tensor, channels_last: bool = False):
+    def __init__(self, capture, plan, mats: Materialized, fill: torch.Tensor, channels_last: bool = False):
         self.capture, self.plan, self.mats = capture, plan, mats
         self.channels_last = channels_last
         self.fill = fill  # (C, 1, 1) values written over the patch
-        self.gm = capture.gm
         device = fill.device
         self.origins = {n: t.to(device) for n, t in plan.origin_tensors.items()}
-        self.read_origins = {s.node: s.read_origin.to(device) for s in plan.steps if s.kind == "window"}
+        self.read_origins = {s.node: s.read_origin.to(device) for s in plan.steps if s.read_origin is not None}
         self.zeros = torch.zeros(plan.positions, 2, dtype=torch.int64, device=device)
         self.mat3 = {n: mats.planar(n, channels_last) for n, v in mats.values.items()
                      if plan.states.get(n) == INC and isinstance(v, torch.Tensor) and v.dim() == 4}
@@ -123,82 +144,59 @@ class BatchRunner:
         self.weights = {s.node: s.weight.contiguous(memory_format=fmt) for s in plan.steps if s.weight is not None}
         self.format = fmt
 
+    def origins_of(self, node: fx.Node, state: BatchState) -> torch.Tensor:
+        return self.origins[node][state.start:state.stop]
+
     @torch.no_grad()
     def run(self, start: int, stop: int) -> torch.Tensor:
         """Logits (stop - start, classes) for positions [start, stop) of the plan."""
-        plan, b = self.plan, stop - start
-        patches: dict[fx.Node, torch.Tensor] = {}
-        fulls: dict[fx.Node, object] = {}
-        env = _BatchEnv(self.mats.values, plan.states, fulls)  # global nodes' argument lookup
+        plan = self.plan
+        state = BatchState(start, stop, None)
+        state.env = _BatchEnv(self.mats.values, plan.states, state.fulls)
         for idx, step in enumerate(plan.steps):
-            kind = step.kind
-            if kind == "input":
-                c = plan.input_shape[1]
-                patches[step.node] = self.fill.expand(b, c, plan.patch_size, plan.patch_size).contiguous(
-                    memory_format=self.format)
-            elif kind == "window":
-                patches[step.node] = self._window(step, patches, start, stop)
-            elif kind == "unary":
-                p = patches[step.inputs[0]]
-                if step.inplace:
-                    patches[step.node] = step.spec.extra["inplace_fn"](p)
-                else:
-                    patches[step.node] = step.spec.apply(p.clone() if step.clone_input else p)
-            elif kind in ("alias", "pad"):
-                patches[step.node] = patches[step.inputs[0]]
-            elif kind in ("binary", "cat"):
-                patches[step.node] = self._boxed(step, patches, start, stop)
-            elif kind == "project":
-                fulls[step.node] = self._project(step.node, patches, start, stop)
-            elif kind == "full_conv":
-                spec = step.spec
-                fulls[step.node] = F.conv2d(fulls[step.inputs[0]], step.weight, step.bias, spec.stride,
-                                            spec.extra["padding"], spec.dilation, spec.groups)
-            elif kind == "full_alias":
-                fulls[step.node] = fulls[step.inputs[0]]
-            elif kind == "full_inplace":
-                fulls[step.node] = step.spec.extra["inplace_fn"](fulls[step.inputs[0]])
-            else:  # full
-                fulls[step.node] = _run_node(self.capture, step.node, env)
+            value = step.action.run(self, step, state)
+            (state.fulls if step.full else state.patches)[step.node] = value
             for n in step.inputs:
                 if plan.last_use.get(n) == idx:
-                    patches.pop(n, None)
-                    fulls.pop(n, None)
-        out = fx.node.map_arg(plan.output.args[0], lambda n: fulls[n] if n in fulls else self.mats.values[n])
-        return out
+                    state.patches.pop(n, None)
+                    state.fulls.pop(n, None)
+        return fx.node.map_arg(plan.output.args[0],
+                               lambda n: state.fulls[n] if n in state.fulls else self.mats.values[n])
 
-    def _origins(self, node, start, stop) -> torch.Tensor:
-        return self.origins[node][start:stop]
 
-    def _window(self, step: Step, patches, start, stop) -> torch.Tensor:
-        x = step.inputs[0]
-        window = ops.stitch(self.mat3[x], patches[x], self._origins(x, start, stop),
-                            self.read_origins[step.node][start:stop], step.read_size[0], step.read_size[1], step.pad_value)
-        spec = step.spec
-        if spec.op == "conv":
-            return F.conv2d(window, self.weights[step.node], step.bias, spec.stride, 0, spec.dilation, spec.groups)
-        if spec.op == "max":
-            return F.max_pool2d(window, spec.kernel, spec.stride, 0, spec.dilation)
-        return F.avg_pool2d(window, spec.kernel, spec.stride, 0, False, True, spec.extra.get("divisor_override"))
+# ---- the steps that are not a rule's: the occluding patch, projections, the global part ---------------
+class _Input:
+    """The occluding patch itself: the fill values over a patch_size square, for every position."""
 
-    def _boxed(self, step: Step, patches, start, stop) -> torch.Tensor:
-        rect = self.plan.rects[step.node]
-        box_origin = self._origins(step.node, start, stop)
-        parts = []
-        for i, needs in zip(step.inputs, step.stitch_inputs):
-            if needs:
-                parts.append(ops.stitch(self.mat3[i], patches[i], self._origins(i, start, stop), box_origin,
-                                        rect.size[0], rect.size[1], 0.0))
-            else:
-                parts.append(patches[i])
-        if step.kind == "cat":
-            return torch.cat(parts, dim=1)
-        return step.spec.binary(parts[0], parts[1])
+    kind = "input"
 
-    def _project(self, node, patches, start, stop) -> torch.Tensor:
-        _, _, h, w = self.mats.values[node].shape
-        return ops.stitch(self.mat3[node], patches[node], self._origins(node, start, stop),
-                          self.zeros[start:stop], h, w, 0.0)
+    def run(self, runner, step, state):
+        c, p = runner.plan.input_shape[1], runner.plan.patch_size
+        return runner.fill.expand(state.size, c, p, p).contiguous(memory_format=runner.format)
+
+
+class _Project:
+    """Paste each position's changed patch into a full copy of the materialized activation."""
+
+    kind = "project"
+
+    def run(self, runner, step, state):
+        node = step.node
+        _, _, h, w = runner.mats.values[node].shape
+        return ops.stitch(runner.mat3[node], state.patches[node], runner.origins_of(node, state),
+                          runner.zeros[state.start:state.stop], h, w, 0.0)
+
+
+class _Full:
+    """A global node: the node's own op on full batch tensors (constants come from the clean run)."""
+
+    kind = "full"
+
+    def run(self, runner, step, state):
+        return _run_node(runner.capture, step.node, state.env)
+
+
+INPUT_ACTION, PROJECT_ACTION, FULL_ACTION = _Input(), _Project(), _Full()
 
 
 class _BatchEnv(dict):

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import OptionError
+
 
 @dataclass(frozen=True)
 class Rect1D:
@@ -145,16 +147,13 @@ def padded(rect: Rect1D, pad_before: int, out_extent: int) -> Rect1D:
 
 def grid_shape(height: int, width: int, patch_size: int, stride: int) -> tuple[int, int]:
     """Heatmap size: every top-left corner (i*stride, j*stride) whose patch lies inside the image."""
-    for name, value in (("patch_size", patch_size), ("stride", stride)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-            raise ValueError(f"{name}={value!r} must be an integer")
     limit = min(height, width)
-    if not 1 <= patch_size <= limit:
-        raise ValueError(
-            f"patch_size={patch_size} is out of range: allowed 1..{limit} for a {height}x{width} image"
-        )
-    if not 1 <= stride <= limit:
-        raise ValueError(f"stride={stride} is out of range: allowed 1..{limit} for a {height}x{width} image")
+    for name, value in (("patch_size", patch_size), ("stride", stride)):
+        allowed = f"integers 1..{limit} for a {height}x{width} image"
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+            raise OptionError(name, value, allowed, "must be an integer")
+        if not 1 <= value <= limit:
+            raise OptionError(name, value, allowed)
     return (height - patch_size) // stride + 1, (width - patch_size) // stride + 1
 
 

@@ -4,23 +4,25 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+import weakref
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from . import approx
 from . import geometry as geo
 from . import ops
 from .capture import Capture
-from .grouping import choose_groups
+from .errors import OptionError
 from .execute import BatchRunner, Materialized, materialize
-from .plan import Plan, build_plan
+from .grouping import choose_groups
+from .options import ExplainOptions, resolve
+from .plan import Plan, Walk, build_plan, propagate_shapes
+from .tuning import tuning_for
 
-METHODS = ("incremental", "naive")
-NAMED_FILLS = {"black": 0.0, "gray": 0.5, "grey": 0.5}  # on [0, 1] RGB, before normalization
-DEFAULT_MEMORY_BUDGET = 1 << 30
 MAX_AUTO_BATCH = 256
 ALLOCATOR_OVERHEAD = 3  # measured peak RSS / planned live bytes, worst case seen (EfficientNet-Lite0)
 
@@ -50,6 +52,8 @@ class Explanation:
     executed_speedup: float = 1.0  # conv multiply-adds of full inference / those actually executed
     groups: int = 1  # position groups run as separate plans (tighter windows near borders)
     tau: float = 1.0
+    incremental: bool = True  # False: every position ran full inference (method naive, untraceable model)
+    fallback_reason: str | None = None  # why it is not incremental, or where the incremental part ends
     extra: dict = field(default_factory=dict)
 
     @property
@@ -77,14 +81,27 @@ class Explanation:
         return torch.from_numpy(out)
 
     def to_dict(self) -> dict:
-        return {
-            "heatmap": self.heatmap.tolist(), "label": self.label, "probability": self.probability,
-            "predicted": self.predicted, "positions": self.positions, "patch_size": self.patch_size,
-            "stride": self.stride, "fill": self.fill, "batch_size": self.batch_size, "method": self.method,
-            "tau": self.tau, "timings_ms": self.timings_ms, "memory": self.memory,
+        """Plain JSON types only: what a server sends (it adds its own fields next to these)."""
+        heatmap = self.heatmap.detach().double().cpu()
+        return _jsonable({
+            "heatmap": heatmap.tolist(), "heatmap_shape": list(heatmap.shape), "label": self.label,
+            "probability": self.probability, "predicted": self.predicted, "positions": self.positions,
+            "patch_size": self.patch_size, "stride": self.stride, "fill": self.fill, "batch_size": self.batch_size,
+            "method": self.method, "tau": self.tau, "incremental": self.incremental,
+            "fallback_reason": self.fallback_reason, "timings_ms": self.timings_ms, "memory": self.memory,
             "theoretical_speedup": self.theoretical_speedup, "executed_speedup": self.executed_speedup,
             "groups": self.groups, "cache": self.cache, **self.extra,
-        }
+        })
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "tolist"):  # tensors, numpy arrays and scalars
+        return value.tolist()
+    return value
 
 
 class _LRU:
@@ -100,6 +117,10 @@ class _LRU:
             self.items.move_to_end(key)
             return self.items[key]
         return None
+
+    def clear(self) -> None:
+        self.items.clear()
+        self.used = 0
 
     def put(self, key, value):
         weight = self.weigh(value)
@@ -122,115 +143,127 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 
 def _as_batch(image: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if not isinstance(image, torch.Tensor):
-        raise ValueError(f"image must be a torch.Tensor, got {type(image).__name__}")
+        raise OptionError("image", type(image).__name__, "a torch.Tensor", "is not a tensor")
     if image.dim() == 3:
         image = image.unsqueeze(0)
     if image.dim() != 4 or image.shape[0] != 1:
-        raise ValueError(f"image must have shape (C, H, W) or (1, C, H, W), got {tuple(image.shape)}")
+        raise OptionError("image", f"shape {tuple(image.shape)}", "shape (C, H, W) or (1, C, H, W)", "has the wrong shape")
     if image.dtype != dtype:
-        raise ValueError(f"image dtype {image.dtype} must match the model's dtype {dtype}")
+        raise OptionError("image", f"dtype {image.dtype}", f"the model's dtype {dtype}", "does not match")
     if not torch.isfinite(image).all():
-        raise ValueError("image contains NaN or infinite values")
+        raise OptionError("image", "with NaN or infinite values", "finite values", "is not finite")
     return image.contiguous()
 
 
-def fill_values(fill, channels: int, normalize=None) -> list[float]:
-    """Per-channel values written over the patch, in the model's (normalized) input space."""
-    if isinstance(fill, str):
-        if normalize is None:
-            raise ValueError(f"fill={fill!r} needs normalize=(mean, std) to be converted to the model's input "
-                             "space; pass a number instead")
-        mean, std = (list(map(float, v)) for v in normalize)
-        if len(mean) != channels or len(std) != channels:
-            raise ValueError(f"normalize needs {channels} means and stds, got {len(mean)} and {len(std)}")
-        if fill == "mean":
-            return [0.0] * channels
-        if fill not in NAMED_FILLS:
-            raise ValueError(f"fill={fill!r} is not allowed: use a number or one of gray, black, mean")
-        return [(NAMED_FILLS[fill] - m) / s for m, s in zip(mean, std)]
-    values = [fill] if isinstance(fill, (int, float)) else list(fill) if isinstance(fill, (list, tuple)) else None
-    if values is None or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        raise ValueError(f"fill={fill!r} must be a number, a list of {channels} numbers or gray/black/mean")
-    if len(values) == 1:
-        values = values * channels
-    if len(values) != channels or not all(math.isfinite(v) for v in values):
-        raise ValueError(f"fill={fill!r} must have 1 or {channels} finite values")
-    return [float(v) for v in values]
-
-
-def choose_batch_size(bytes_per_position: int, positions: int, memory_budget: int | None) -> int:
+def choose_batch_size(bytes_per_position: int, positions: int, memory_budget: int) -> int:
     """The largest batch whose working set fits `memory_budget` (at most MAX_AUTO_BATCH).
 
     The plan's working set counts live tensors only; the peak RSS measured around a run was up to
     ~3x that (allocator reuse, oneDNN reorders and scratch), so the budget is divided by that factor.
     """
-    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
-    if not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0:
-        raise ValueError(f"memory_budget={memory_budget!r} must be a positive number of bytes")
-    return max(1, min(positions, MAX_AUTO_BATCH, budget // (ALLOCATOR_OVERHEAD * max(1, bytes_per_position))))
-
-
-def _checked_origins(origins, height: int, width: int, patch_size: int) -> np.ndarray:
-    """Explicit patch positions (top-left corners) that must keep the patch inside the image."""
-    origins = np.asarray(origins, dtype=np.int64)
-    if origins.ndim != 2 or origins.shape[1] != 2 or len(origins) == 0:
-        raise ValueError(f"origins must be a non-empty (n, 2) array of (y, x) corners, got shape {origins.shape}")
-    low, high = origins.min(axis=0), origins.max(axis=0)
-    if low.min() < 0 or high[0] > height - patch_size or high[1] > width - patch_size:
-        raise ValueError(f"origins must lie in 0..{height - patch_size} (y) and 0..{width - patch_size} (x) "
-                         f"for patch_size={patch_size}")
-    return origins
+    return max(1, min(positions, MAX_AUTO_BATCH, memory_budget // (ALLOCATOR_OVERHEAD * max(1, bytes_per_position))))
 
 
 def _image_key(image: torch.Tensor) -> str:
     data = image.detach().cpu().contiguous()
-    digest = hashlib.blake2b(data.numpy().tobytes(), digest_size=16)
+    digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=16)
     digest.update(f"{tuple(data.shape)}{data.dtype}".encode())
     return digest.hexdigest()
 
 
+def _fingerprint(model: nn.Module) -> tuple:
+    """Identity and in-place version of every parameter and buffer: changes when the weights change."""
+    return tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in (*model.parameters(), *model.buffers()))
+
+
+@dataclass
+class _Run:
+    """One pass over a set of positions (a whole explanation, or one drill-down stage)."""
+
+    explanation: Explanation
+    full_macs: int  # conv multiply-adds that naive re-inference of these positions would run
+    executed_macs: int  # those this run executed
+
+
 class Explainer:
-    """Explanations for one model, with a plan cache and an LRU cache of materialized activations.
+    """Explanations for one model, with plan caches and an LRU cache of materialized activations.
 
     cache_bytes bounds the activations kept between calls (keyed by the image's hash), so a second
-    explanation of the same image with other options does not re-run the clean image.
+    explanation of the same image with other options does not re-run the clean image. Plans are cached
+    per (input shape, patch, stride, tau): `max_grids` full grids (each grid's position groups as one
+    entry, so a grid is never half evicted) and `max_plans` plans of explicit positions (drill-down's
+    stage 2). `rules` are extra op-kind rules (krypton.rules.Rule), tried before the built-in ones.
+    When the model's weights change in place (training, load_state_dict), every cache is dropped.
     """
 
     def __init__(self, model: nn.Module, cache_bytes: int = 512 << 20, max_plans: int = 32,
-                 channels_last: bool | None = None):
-        self.model = model
-        self.capture = Capture(model)
+                 channels_last: bool | None = None, rules=(), max_grids: int = 8):
+        self._model_ref = lambda m=model: m
+        self._rules = tuple(rules)
+        self.capture = Capture(model, self._rules)
         self.dtype = _model_dtype(model)
-        self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        self.device = self.capture.device
         self._plans = _LRU(max_plans)
+        self._grids = _LRU(max_grids)
         self._mats = _LRU(int(cache_bytes), weigh=lambda m: m.nbytes)
         self._groups: dict = {}
+        self._estimates = _LRU(64)
+        self._fingerprint = _fingerprint(model)
+        self.plan_builds = 0  # plans built so far (cache misses), for tests and logs
         # channels_last windows and projections (measured on the 2-core CPU, one process, stride 16):
         # Inception3 1.57x, VGG16 1.16x, ResNet18 1.07x faster than NCHW; EfficientNet-Lite0's depthwise
         # convolutions ~1.5x. The projected full tensors inherit the layout, so the global part gains too.
         self.channels_last = True if channels_last is None else bool(channels_last)
 
+    @property
+    def model(self) -> nn.Module:
+        return self._model_ref()
+
     # ---- caches ---------------------------------------------------------------------------------
+    def _check_model(self) -> None:
+        """Drop every cache (and re-capture) when the model's weights changed since they were filled."""
+        fingerprint = _fingerprint(self.model)
+        if fingerprint != self._fingerprint:
+            self.capture = Capture(self.model, self._rules)
+            for cache in (self._plans, self._grids, self._mats, self._estimates):
+                cache.clear()
+            self._groups.clear()
+            self._fingerprint = fingerprint
+
+    def _build(self, input_shape, patch_size, stride, tau, origins) -> Plan:
+        self.plan_builds += 1
+        return build_plan(self.capture, input_shape, self.dtype, patch_size, stride, tau, origins)
+
     def plan(self, input_shape, patch_size: int, stride: int, tau: float = 1.0, origins=None) -> Plan:
+        """The plan of one set of positions run as one group (default: the whole grid); cached."""
         origin_key = None if origins is None else hashlib.blake2b(np.asarray(origins, np.int64).tobytes()).hexdigest()
         key = (tuple(input_shape), patch_size, stride, float(tau), origin_key)
         plan = self._plans.get(key)
         if plan is None:
-            plan = build_plan(self.capture, input_shape, self.dtype, patch_size, stride, tau, origins)
+            plan = self._build(input_shape, patch_size, stride, tau, origins)
             self._plans.put(key, plan)
         return plan
 
+    def grid_plans(self, input_shape, patch_size: int, stride: int, tau: float = 1.0) -> list[tuple[np.ndarray, Plan]]:
+        """(position indices, plan) of every position group of the full grid (see groups()); cached."""
+        key = (tuple(input_shape), patch_size, stride, float(tau))
+        plans = self._grids.get(key)
+        if plans is None:
+            origins = geo.grid_origins(input_shape[2], input_shape[3], patch_size, stride)
+            plans = [(g, self._build(input_shape, patch_size, stride, tau, origins[g]))
+                     for g in self.groups(input_shape, patch_size, stride, tau)]
+            self._grids.put(key, plans)
+        return plans
+
     def prepare(self, input_shape, patch_size: int, stride: int, tau: float = 1.0) -> None:
-        """Build and cache every plan explain() needs for the full grid (e.g. when a server starts)."""
-        h, w = input_shape[2], input_shape[3]
-        origins = geo.grid_origins(h, w, patch_size, stride)
-        for group in self.groups(tuple(input_shape), patch_size, stride, tau):
-            self.plan(tuple(input_shape), patch_size, stride, tau, origins[group])
+        """Build and cache the plans explain() needs for the full grid (e.g. when a server starts)."""
+        self._check_model()
+        self.grid_plans(tuple(input_shape), patch_size, stride, tau)
         self.estimate(tuple(input_shape), patch_size, stride, tau)
 
     def clear_cache(self) -> None:
         """Forget the materialized activations kept between calls (plans stay cached)."""
-        self._mats = _LRU(self._mats.capacity, weigh=self._mats.weigh)
+        self._mats.clear()
 
     def materialized(self, image: torch.Tensor) -> tuple[Materialized, str]:
         key = _image_key(image)
@@ -241,89 +274,11 @@ class Explainer:
         self._mats.put(key, mats)
         return mats, "miss"
 
-    # ---- the verb -------------------------------------------------------------------------------
-    def explain(self, image: torch.Tensor, patch_size: int = 16, stride: int = 4, fill=0.0, target=None,
-                batch_size: int | None = None, method: str = "incremental", normalize=None,
-                memory_budget: int | None = None, tau: float = 1.0, origins=None, target_ssim=None,
-                drilldown=None, mode=None, progress=None) -> Explanation:
-        if target_ssim is not None or drilldown not in (None, False) or mode is not None:
-            # Approximate OBE: tau from a target SSIM, adaptive drill-down, mode shortcut (approx.py).
-            from .approx import explain_approximate
-            return explain_approximate(self, image, patch_size=patch_size, stride=stride, fill=fill,
-                                       target=target, batch_size=batch_size, method=method, normalize=normalize,
-                                       memory_budget=memory_budget, tau=tau, origins=origins,
-                                       target_ssim=target_ssim, drilldown=drilldown, mode=mode, progress=progress)
-        t0 = time.perf_counter()
-        image = _as_batch(image, self.dtype).to(self.device)
-        _, c, h, w = image.shape
-        geo.grid_shape(h, w, patch_size, stride)
-        if method not in METHODS:
-            raise ValueError(f"method={method!r} is not allowed: use one of {', '.join(METHODS)}")
-        if not (isinstance(tau, (int, float)) and 0.0 < tau <= 1.0):
-            raise ValueError(f"tau={tau!r} is out of range: allowed (0, 1]")
-        if method == "naive" and tau != 1.0:
-            raise ValueError("tau < 1 is an approximation of the incremental method; use method='incremental'")
-        values = fill_values(fill, c, normalize)
-        if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool)
-                                       or batch_size < 1):
-            raise ValueError(f"batch_size={batch_size!r} is out of range: allowed integers >= 1")
-        shape = tuple(image.shape)
-        all_origins = geo.grid_origins(h, w, patch_size, stride) if origins is None else \
-            _checked_origins(origins, h, w, patch_size)
-        mats, cache = self.materialized(image)
-        probs = torch.softmax(mats.output.double(), dim=1)[0]
-        classes = probs.numel()
-        predicted = int(probs.argmax())
-        label = predicted if target is None else target
-        if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < classes:
-            raise ValueError(f"target={target!r} is out of range: allowed 0..{classes - 1}")
-        t1 = time.perf_counter()
-
-        n = len(all_origins)
-        if method == "incremental":
-            # an explicit list of origins (drill-down) runs as one group
-            groups = self.groups(shape, patch_size, stride, tau) if origins is None else [np.arange(n)]
-            plans = [self.plan(shape, patch_size, stride, tau, all_origins[g]) for g in groups]
-            per_position = max(p.peak_bytes_per_position for p in plans)
-        else:
-            groups = [np.arange(n)]
-            plans = [self.plan(shape, patch_size, stride, tau, all_origins)]
-            per_position = self._naive_bytes(plans[0])
-        batch = min(n, batch_size) if batch_size else choose_batch_size(per_position, n, memory_budget)
-        fill_t = torch.tensor(values, dtype=self.dtype, device=self.device).view(c, 1, 1)
-        scores = torch.empty(n, dtype=torch.float64)
-        full_macs, executed_macs = 0, 0
-        for indices, plan in zip(groups, plans):
-            run = self._incremental_runner(plan, mats, fill_t) if method == "incremental" else \
-                self._naive_runner(plan, image, fill_t)
-            full, inc = plan.macs()
-            full_macs += full * len(indices)
-            executed_macs += (inc if method == "incremental" else full) * len(indices)
-            for start in range(0, len(indices), batch):
-                stop = min(len(indices), start + batch)
-                logits = run(start, stop)
-                scores[indices[start:stop]] = torch.softmax(logits.double(), dim=1)[:, label].cpu()
-        theoretical = self.estimate(shape, patch_size, stride, tau).theoretical_speedup()
-        t2 = time.perf_counter()
-
-        grid = geo.grid_shape(h, w, patch_size, stride) if origins is None else (1, n)
-        heatmap = scores.view(grid).to(self.dtype)
-        return Explanation(
-            heatmap=heatmap, label=label, probability=float(probs[label]), predicted=predicted,
-            patch_size=patch_size, stride=stride, fill=values, batch_size=batch, method=method,
-            image_shape=(h, w),
-            timings_ms={"materialize": 0.0 if cache == "hit" else (t1 - t0) * 1e3, method: (t2 - t1) * 1e3,
-                        "total": (t2 - t0) * 1e3},
-            memory={"materialized_bytes": mats.nbytes, "peak_working_bytes": per_position * batch},
-            theoretical_speedup=theoretical,
-            executed_speedup=full_macs / executed_macs if executed_macs else 1.0,
-            groups=len(groups), cache=cache, tau=float(tau),
-        )
-
     def groups(self, input_shape, patch_size: int, stride: int, tau: float = 1.0) -> list:
         """Position groups of the full grid that run as separate plans with tighter windows (grouping.py).
 
         Returns row-major index arrays into geometry.grid_origins(...); cached per shape/patch/stride/tau.
+        Candidates are priced from geometry alone (a Walk per candidate group): no plan is built.
         """
         key = (tuple(input_shape), patch_size, stride, float(tau))
         if key not in self._groups:
@@ -331,16 +286,190 @@ class Explainer:
             origins = geo.grid_origins(h, w, patch_size, stride)
 
             def cost(indices):
-                return self.plan(input_shape, patch_size, stride, tau, origins[indices]).macs()[1] * len(indices)
+                walk = Walk(self.capture, input_shape, self.dtype, patch_size, tau, origins[indices])
+                return walk.macs()[1] * len(indices)
 
             self._groups[key] = choose_groups(geo.grid_shape(h, w, patch_size, stride), stride, cost)
         return self._groups[key]
 
-    def estimate(self, input_shape, patch_size: int, stride: int, tau: float = 1.0) -> Plan:
-        """The plan of one position with the patch at the centre (the paper's worst case)."""
-        h, w = input_shape[2], input_shape[3]
-        geo.grid_shape(h, w, patch_size, stride)
-        return self.plan(input_shape, patch_size, stride, tau, geo.centre_origin(h, w, patch_size))
+    def estimate(self, input_shape, patch_size: int, stride: int, tau: float = 1.0) -> Walk:
+        """Costs of one position with the patch at the centre (the paper's worst case); no plan is built."""
+        key = (tuple(input_shape), patch_size, stride, float(tau))
+        walk = self._estimates.get(key)
+        if walk is None:
+            h, w = input_shape[2], input_shape[3]
+            geo.grid_shape(h, w, patch_size, stride)
+            walk = Walk(self.capture, input_shape, self.dtype, patch_size, tau, geo.centre_origin(h, w, patch_size))
+            self._estimates.put(key, walk)
+        return walk
+
+    def num_classes(self, input_shape) -> int | None:
+        """The model's number of outputs for an input shape (from shapes alone: no inference)."""
+        shapes = propagate_shapes(self.capture, tuple(input_shape), self.dtype)
+        out = next((n for n in self.capture.nodes if n.op == "output"), None)
+        arg = out.args[0] if out is not None else None
+        shape = shapes.get(arg) if isinstance(arg, torch.fx.Node) else None
+        return int(shape[-1]) if shape is not None and len(shape) == 2 else None
+
+    # ---- the verb -------------------------------------------------------------------------------
+    def explain(self, image: torch.Tensor, patch_size: int = 16, stride: int = 4, fill=0.0, target=None,
+                batch_size: int | None = None, method: str = "incremental", normalize=None,
+                memory_budget: int | None = None, tau: float = 1.0, origins=None, target_ssim=None,
+                drilldown=None, mode=None, progress=None) -> Explanation:
+        """Occlusion heatmap of `image`: the probability of `target` with a patch over each position.
+
+        Args:
+            image: the preprocessed image, (C, H, W) or (1, C, H, W), in the model's dtype and device.
+            patch_size: side of the square occluding patch, in pixels of `image`.
+            stride: step between patch positions; the grid has every top-left corner (i*stride,
+                j*stride) whose patch lies fully inside the image.
+            fill: what the patch holds, in the model's (normalized) input space: a number, one number per
+                channel, or "gray" / "black" / "mean" (these need `normalize`).
+            target: the class whose probability is mapped; default the clean image's predicted class.
+            batch_size: positions per batch; default the largest that fits `memory_budget`.
+            method: "incremental" (Krypton) or "naive" (full re-inference of every occluded image, the
+                baseline kept for verification; no approximations).
+            normalize: (mean, std) of the model's input normalization, for the named fills.
+            memory_budget: bytes the working set of one batch may take (default 1 GiB).
+            tau: projective-field threshold in (0, 1]; 1 is exact, lower is faster and approximate.
+            origins: explicit (n, 2) patch corners (y, x) instead of the grid; the heatmap is then (1, n).
+            target_ssim: choose tau as the model's tuned tau for this heatmap SSIM (krypton/tuned/).
+            drilldown: True, a dict {r, target_speedup} or {r, s1}: run the whole grid at a coarse stride,
+                then the requested stride on the fraction r of cells with the largest drops (approx.py).
+            mode: "exact" (forbids every approximation) or "approximate" (tuned tau + drill-down).
+            progress: callable(stage, Explanation), called with the coarse drill-down map before stage 2.
+
+        Returns:
+            Explanation: `heatmap` (grid rows x columns, float, the model's dtype), `label`,
+            `probability` (clean), `predicted`, the options used, `timings_ms`, `memory`,
+            `theoretical_speedup`, `executed_speedup`, `incremental` / `fallback_reason`, `cache` and, for
+            approximations, `extra["approximation"]` and `extra["drilldown"]`.
+
+        Raises:
+            OptionError (a ValueError): an option or the image is wrong; `.parameter`, `.value` and
+                `.allowed` say which, what and what would be accepted. Raised before any inference.
+            ModelError (a RuntimeError): the model cannot be explained as given (e.g. it rejects the
+                input shape, or its output is not one row of logits).
+        """
+        t0 = time.perf_counter()
+        self._check_model()
+        image = _as_batch(image, self.dtype).to(self.device)
+        shape = tuple(image.shape)
+        opts = resolve(shape, self.num_classes(shape), lambda: tuning_for(self.model), patch_size=patch_size,
+                       stride=stride, fill=fill, normalize=normalize, target=target, batch_size=batch_size,
+                       method=method, memory_budget=memory_budget, tau=tau, origins=origins,
+                       target_ssim=target_ssim, drilldown=drilldown, mode=mode)
+        if opts.drilldown is not None:
+            return self._drilldown(image, opts, progress, t0)
+        run = self._run(image, opts, t0)
+        exp = run.explanation
+        if opts.approximation is not None:
+            exp.extra["approximation"] = {**opts.approximation, "estimated_speedup": self._tau_speedup(shape, opts)}
+        return exp
+
+    def _tau_speedup(self, shape, opts: ExplainOptions, stride: int | None = None) -> float:
+        """Theoretical speedup of tau over exact incremental inference (conv MACs, patch at the centre)."""
+        if opts.tau >= 1.0:
+            return 1.0
+        stride = opts.stride if stride is None else stride
+        exact = self.estimate(shape, opts.patch_size, stride, 1.0).theoretical_speedup()
+        return float(self.estimate(shape, opts.patch_size, stride, opts.tau).theoretical_speedup() / exact)
+
+    def _run(self, image: torch.Tensor, opts: ExplainOptions, t0: float) -> _Run:
+        """Every position of `opts` (its grid, or its explicit origins) against the clean image's activations."""
+        shape = tuple(image.shape)
+        _, c, h, w = shape
+        p, s, tau = opts.patch_size, opts.stride, opts.tau
+        mats, cache = self.materialized(image)
+        probs = torch.softmax(mats.output.double(), dim=1)[0]
+        predicted = int(probs.argmax())
+        label = predicted if opts.target is None else opts.target
+        t1 = time.perf_counter()
+
+        if opts.method == "incremental":
+            # explicit origins (drill-down's stage 2) run as one group
+            groups = self.grid_plans(shape, p, s, tau) if opts.origins is None else \
+                [(np.arange(len(opts.origins)), self.plan(shape, p, s, tau, opts.origins))]
+            per_position = max(plan.peak_bytes_per_position for _, plan in groups)
+            fallback = groups[0][1].fallback if self.capture.trace_failure is None else self.capture.trace_failure
+            incremental = self.capture.trace_failure is None
+        else:
+            origins = geo.grid_origins(h, w, p, s) if opts.origins is None else opts.origins
+            groups = [(np.arange(len(origins)), self.plan(shape, p, s, tau, origins))]
+            per_position = self._naive_bytes(groups[0][1])
+            fallback, incremental = "method=naive: full re-inference of every occluded image", False
+        n = sum(len(g) for g, _ in groups)
+        batch = min(n, opts.batch_size) if opts.batch_size else choose_batch_size(per_position, n, opts.memory_budget)
+        fill_t = torch.tensor(opts.fill, dtype=self.dtype, device=self.device).view(c, 1, 1)
+        scores = torch.empty(n, dtype=torch.float64)
+        full_macs, executed_macs = 0, 0
+        for indices, plan in groups:
+            run = self._incremental_runner(plan, mats, fill_t) if opts.method == "incremental" else \
+                self._naive_runner(plan, image, fill_t)
+            full, inc = plan.macs()
+            full_macs += full * len(indices)
+            executed_macs += (inc if opts.method == "incremental" else full) * len(indices)
+            for start in range(0, len(indices), batch):
+                stop = min(len(indices), start + batch)
+                logits = run(start, stop)
+                scores[indices[start:stop]] = torch.softmax(logits.double(), dim=1)[:, label].cpu()
+        theoretical = self.estimate(shape, p, s, tau).theoretical_speedup()
+        t2 = time.perf_counter()
+
+        grid = geo.grid_shape(h, w, p, s) if opts.origins is None else (1, n)
+        exp = Explanation(
+            heatmap=scores.view(grid).to(self.dtype), label=label, probability=float(probs[label]),
+            predicted=predicted, patch_size=p, stride=s, fill=opts.fill, batch_size=batch, method=opts.method,
+            image_shape=(h, w),
+            timings_ms={"materialize": 0.0 if cache == "hit" else (t1 - t0) * 1e3, opts.method: (t2 - t1) * 1e3,
+                        "total": (t2 - t0) * 1e3},
+            memory={"materialized_bytes": mats.nbytes, "peak_working_bytes": per_position * batch},
+            theoretical_speedup=theoretical,
+            executed_speedup=full_macs / executed_macs if executed_macs else 1.0,
+            groups=len(groups), cache=cache, tau=float(tau), incremental=incremental, fallback_reason=fallback,
+        )
+        return _Run(exp, full_macs, executed_macs)
+
+    def _drilldown(self, image: torch.Tensor, opts: ExplainOptions, progress, t0: float) -> Explanation:
+        """Stage 1 over the whole grid at S1, stage 2 at S2 on the refined cells; see approx.py."""
+        dd, p = opts.drilldown, opts.patch_size
+        shape = tuple(image.shape)
+        h, w = shape[2], shape[3]
+        first = self._run(image, opts.stage(stride=dd.s1), t0)
+        stage1 = first.explanation
+        fine_shape = geo.grid_shape(h, w, p, dd.s2)
+        coarse = approx.coarse_to_fine(stage1.heatmap.double().numpy(), dd.s1, fine_shape, dd.s2)
+        mask = approx.select_refined(coarse, stage1.probability, dd.r)
+        cells = np.argwhere(mask)  # row-major
+        t1 = time.perf_counter()
+        tau_speedup = self._tau_speedup(shape, opts, dd.s2)
+        report = {**opts.approximation, "estimated_speedup": dd.estimated_speedup * tau_speedup,
+                  "tau_speedup": tau_speedup, "drilldown_speedup": dd.estimated_speedup}
+        info = {**dd.to_dict(), "positions": {"stage1": stage1.positions, "stage2": int(len(cells)),
+                                              "full": int(mask.size)},
+                "stage1_heatmap": stage1.heatmap.tolist(),
+                "position_speedup": mask.size / (stage1.positions + len(cells)),
+                # with S1 > P the stage-1 patches leave gaps: a region there cannot show a drop in stage 1
+                "stage1_covers_image": dd.s1 <= p}
+        if progress is not None:
+            progress("coarse", replace(stage1, heatmap=torch.from_numpy(coarse).to(stage1.heatmap.dtype),
+                                       stride=dd.s2, extra={"stage": "coarse", "drilldown": dict(info),
+                                                            "approximation": dict(report)}))
+        second = self._run(image, opts.stage(stride=dd.s2, origins=cells * dd.s2, target=stage1.label),
+                           time.perf_counter())
+        stage2 = second.explanation
+        t2 = time.perf_counter()
+        info.update(refined=cells.tolist(), stage2_cache=stage2.cache)
+        full_macs = second.full_macs // max(1, len(cells)) * int(mask.size)  # naive over the whole S2 grid
+        executed = first.executed_macs + second.executed_macs
+        timings = {"materialize": stage1.timings_ms["materialize"] + stage2.timings_ms["materialize"],
+                   "stage1": stage1.timings_ms["total"], "stage2": stage2.timings_ms["total"],
+                   "select": (t1 - t0) * 1e3 - stage1.timings_ms["total"], "total": (t2 - t0) * 1e3}
+        return replace(stage2, heatmap=approx.merge(coarse, mask, stage2.heatmap), stride=dd.s2, timings_ms=timings,
+                       cache=stage1.cache, batch_size=max(stage1.batch_size, stage2.batch_size),
+                       memory={k: max(stage1.memory[k], stage2.memory[k]) for k in stage1.memory},
+                       executed_speedup=full_macs / executed if executed else 1.0,
+                       extra={"drilldown": info, "approximation": report})
 
     def _incremental_runner(self, plan, mats, fill_t):
         return BatchRunner(self.capture, plan, mats, fill_t, self.channels_last).run
@@ -351,6 +480,7 @@ class Explainer:
         zeros = torch.zeros_like(origins)
         clean = image[0]
         p = plan.patch_size
+        model = self.model
 
         @torch.no_grad()
         def run(start, stop):
@@ -358,7 +488,7 @@ class Explainer:
             patch = fill_t.expand(b, clean.shape[0], p, p).contiguous()
             batch = ops.stitch(clean, patch, origins[start:stop], zeros[start:stop], clean.shape[1],
                                clean.shape[2], 0.0)
-            return self.model(batch)
+            return model(batch)
 
         return run
 
@@ -369,9 +499,27 @@ class Explainer:
         return max(pairs) * torch.empty((), dtype=self.dtype).element_size()
 
 
+# One-shot calls reuse one Explainer per model object (its capture and plans, no activations), held
+# weakly: the entry goes when the model does. It refers to the model only through a weak reference.
+_ONE_SHOT: "weakref.WeakKeyDictionary[nn.Module, Explainer]" = weakref.WeakKeyDictionary()
+
+
+def _one_shot(model: nn.Module) -> Explainer:
+    explainer = _ONE_SHOT.get(model)
+    if explainer is None:
+        explainer = Explainer(model, cache_bytes=0)
+        if explainer.capture.trace_failure is None:  # the fallback graph holds the model strongly
+            explainer._model_ref = weakref.ref(model)
+            _ONE_SHOT[model] = explainer
+    return explainer
+
+
 def explain(model: nn.Module, image: torch.Tensor, **options) -> Explanation:
-    """One-shot occlusion explanation; see Explainer.explain for the options."""
-    return Explainer(model).explain(image, **options)
+    """One-shot occlusion explanation; see Explainer.explain for the options.
+
+    Repeated calls with the same model object reuse its traced graph and plans.
+    """
+    return _one_shot(model).explain(image, **options)
 
 
 @dataclass
@@ -380,6 +528,8 @@ class SpeedupEstimate:
     full_macs: int
     incremental_macs: int
     layers: list[dict]
+    incremental: bool = True  # False: the model is not traceable, every position runs full inference
+    fallback_reason: str | None = None  # why not, or where the incremental part ends
 
     def __float__(self) -> float:
         return self.speedup
@@ -391,8 +541,10 @@ def estimate_speedup(model: nn.Module, input_shape, patch_size: int = 16, stride
     shape = tuple(input_shape)
     if len(shape) == 3:
         shape = (1,) + shape
-    plan = Explainer(model, cache_bytes=0).estimate(shape, patch_size, stride, tau)
-    full, inc = plan.macs()
+    explainer = _one_shot(model)
+    walk = explainer.estimate(shape, patch_size, stride, tau)
+    full, inc = walk.macs()
     layers = [{"name": c.name, "kind": c.kind, "full_macs": c.full_macs, "incremental_macs": c.incremental_macs,
-               "speedup": c.full_macs / c.incremental_macs if c.incremental_macs else 1.0} for c in plan.layers]
-    return SpeedupEstimate(full / inc if inc else 1.0, full, inc, layers)
+               "speedup": c.full_macs / c.incremental_macs if c.incremental_macs else 1.0} for c in walk.layers]
+    failure = explainer.capture.trace_failure
+    return SpeedupEstimate(full / inc if inc else 1.0, full, inc, layers, failure is None, failure or walk.fallback)

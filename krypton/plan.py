@@ -1,69 +1,28 @@
-"""Static plan of an incremental run, cached per (input shape, patch, stride, tau, positions).
+"""Static plan of an incremental run, for one (input shape, patch, stride, tau, set of positions).
 
-For every node of the captured graph the plan decides whether its value is constant (does not depend
-on the image), incremental (a per-position rect of a shared size, see geometry.py) or full (a whole
-tensor per position, after the changed regions were projected into copies of the materialized
-activations). It stores per-position origins as int64 tensors so that execution never loops over
-positions in Python, and it counts multiply-adds, which gives the theoretical speedup for free.
+Two passes share one walk over the captured graph. `Walk` is geometry only: each node is constant
+(does not depend on the image), incremental (a per-position rect of one shared size, from its rule's
+`rect`) or full (a whole tensor per position, after the changed regions were projected into copies of
+the materialized activations); it counts multiply-adds, which prices position groups and gives the
+theoretical speedup without building anything. `Builder` extends the same walk with the steps that
+execution runs: per-position origins as int64 tensors (no Python loop over positions at run time),
+folded batch norms, in-place activations and the bytes each step keeps alive.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.fx as fx
-from torch.fx.passes.shape_prop import ShapeProp
 
 from . import geometry as geo
-from .capture import Capture, OpSpec
-
-CONST, INC, FULL = "const", "inc", "full"
-
-
-@dataclass
-class Rect:
-    """A node's changed region for every position: origins [N, 2] (y, x) and a shared (h, w)."""
-
-    y: geo.Rect1D
-    x: geo.Rect1D
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return self.y.size, self.x.size
-
-    def covers_map(self) -> bool:
-        return self.y.covers_map() and self.x.covers_map()
-
-    def origin_tensor(self) -> torch.Tensor:
-        return torch.from_numpy(np.stack([self.y.origin, self.x.origin], axis=1).copy())
-
-
-@dataclass
-class Step:
-    """One unit of batched execution; `kind` selects the executor branch.
-
-    window:  stitch the read-in window of `inputs[0]`, apply `op` (conv with folded batch norm, pool)
-    unary:   apply `apply` to the input patch          binary/cat: stitch inputs into the bounding box
-    pad:     the patch is reused, only its origin moves project: paste patches into full copies
-    full:    run the node's own op on full tensors     input:     the occluding patch itself
-    """
-
-    kind: str
-    node: fx.Node
-    inputs: list[fx.Node] = field(default_factory=list)
-    spec: OpSpec | None = None
-    read_origin: torch.Tensor | None = None
-    read_size: tuple[int, int] = (0, 0)
-    pad_value: float = 0.0
-    weight: torch.Tensor | None = None
-    bias: torch.Tensor | None = None
-    clone_input: bool = False
-    inplace: bool = False  # the input patch is owned by this step alone: update it in place
-    stitch_inputs: list[bool] = field(default_factory=list)
-    out_bytes: int = 0  # per position
-    tmp_bytes: int = 0  # per position, freed when the step ends
+from .capture import Capture
+from .errors import ModelError
+from .execute import FULL_ACTION, INPUT_ACTION, PROJECT_ACTION, run_graph
+from .nodes import CONST, FULL, INC, OpSpec, Rect, Step
+from .rules import BatchNormRule
 
 
 @dataclass
@@ -74,8 +33,23 @@ class LayerCost:
     incremental_macs: int
 
 
+class Costed:
+    """Conv multiply-adds of one position, from `layers` (Plan and Walk both have them)."""
+
+    layers: list[LayerCost]
+
+    def macs(self) -> tuple[int, int]:
+        """(full, incremental) multiply-adds of the conv layers for one position."""
+        convs = [c for c in self.layers if c.kind == "conv"]
+        return sum(c.full_macs for c in convs), sum(c.incremental_macs for c in convs)
+
+    def theoretical_speedup(self) -> float:
+        full, inc = self.macs()
+        return full / inc if inc else 1.0
+
+
 @dataclass
-class Plan:
+class Plan(Costed):
     input_shape: tuple[int, ...]
     patch_size: int
     stride: int
@@ -90,329 +64,242 @@ class Plan:
     last_use: dict[fx.Node, int]
     layers: list[LayerCost]
     peak_bytes_per_position: int
+    fallback: str | None  # where and why the incremental part ends (None: it reaches the output)
 
     @property
     def positions(self) -> int:
         return len(self.origins)
 
-    def macs(self) -> tuple[int, int]:
-        """(full, incremental) multiply-adds of the conv layers for one position."""
-        convs = [c for c in self.layers if c.kind == "conv"]
-        return sum(c.full_macs for c in convs), sum(c.incremental_macs for c in convs)
-
-    def theoretical_speedup(self) -> float:
-        full, inc = self.macs()
-        return full / inc if inc else 1.0
-
 
 def propagate_shapes(capture: Capture, input_shape: tuple[int, ...], dtype: torch.dtype) -> dict:
-    """Every node's output shape (None for non-tensors), computed with fake tensors: no inference.
+    """Every node's output shape (None for non-tensors), from one run of a zero image.
 
-    Cached on the capture: plans for other patches, strides or position subsets reuse it.
+    A real run, not fake tensors (nor fx's ShapeProp, which imports them): it costs one inference of one
+    image, where fake tensors cost seconds of one-time imports (torch._dynamo, sympy) on the first
+    request, and it also works for an opaque model with data-dependent control flow. Cached on the capture: plans for other patches, strides or
+    position subsets reuse it.
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     key = (tuple(input_shape), dtype)
     if key in capture.shape_cache:
         return capture.shape_cache[key]
-
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with mode:
-        fake = torch.empty(input_shape, dtype=dtype)
     try:
-        ShapeProp(capture.gm, mode).propagate(fake)
+        values = run_graph(capture, torch.zeros(input_shape, dtype=dtype, device=capture.device))
     except Exception as exc:  # noqa: BLE001 - the model rejects this input shape
-        raise ValueError(f"the model cannot run on an input of shape {tuple(input_shape)}: {exc}") from None
-    shapes = {}
-    for node in capture.nodes:
-        meta = node.meta.get("tensor_meta")
-        shapes[node] = meta.shape if hasattr(meta, "shape") else None
+        raise ModelError(f"the model cannot run on an input of shape {tuple(input_shape)}: "
+                         f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+    shapes = {n: v.shape if isinstance(v, torch.Tensor) else None for n, v in values.items()}
     capture.shape_cache[key] = shapes
     return shapes
 
 
-def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
-    return list(node.all_input_nodes)
+def _describe(capture: Capture, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"{node.target} ({type(capture.module(node)).__name__})"
+    target = getattr(node.target, "__name__", str(node.target))
+    return f"{node.name} ({target})"
 
 
-class _Builder:
-    def __init__(self, capture, input_shape, dtype, patch_size, stride, tau, origins):
+class Walk(Costed):
+    """Changed regions and multiply-adds of every node for a set of positions; geometry only."""
+
+    def __init__(self, capture: Capture, input_shape, dtype, patch_size: int, tau: float, origins: np.ndarray):
         self.c = capture
         self.input_shape = tuple(input_shape)
-        self.dtype = dtype
-        self.elem = torch.empty((), dtype=dtype).element_size()
-        self.patch_size, self.stride, self.tau = patch_size, stride, tau
+        self.patch_size, self.tau = patch_size, tau
         self.origins = origins
         self.shapes = propagate_shapes(capture, self.input_shape, dtype)
         self.states: dict[fx.Node, str] = {}
         self.rects: dict[fx.Node, Rect] = {}
-        self.steps: list[Step] = []
         self.layers: list[LayerCost] = []
-        self.projected: set[fx.Node] = set()
-        self.folded: dict[fx.Node, fx.Node] = {}  # batch-norm node -> conv node folded into it
-        self._step_of: dict[fx.Node, Step] = {}  # node -> the step that makes its patch / full tensor
-        self.folded_full: dict[fx.Node, fx.Node] = {}  # batch norm -> full conv folded into it
+        self.output: fx.Node | None = None
+        self.fallback: str | None = None
+        self._walk()
 
-    # ---- helpers --------------------------------------------------------------------------------
-    def _spatial(self, node) -> tuple[int, int] | None:
+    def spatial(self, node) -> tuple[int, int] | None:
         shape = self.shapes.get(node)
         return (int(shape[2]), int(shape[3])) if shape is not None and len(shape) == 4 else None
 
-    def _numel1(self, node) -> int:
-        shape = self.shapes.get(node)
-        return int(math.prod(shape[1:])) if shape is not None else 0
-
-    def _patch_bytes(self, node, rect: Rect) -> int:
-        return int(self.shapes[node][1]) * rect.size[0] * rect.size[1] * self.elem
-
-    def _project(self, node):
-        if self.states[node] == INC and node not in self.projected:
-            self.projected.add(node)
-            step = Step("project", node, out_bytes=self._numel1(node) * self.elem)
-            self.steps.append(step)
-            if len(node.users) == 1:
-                self._step_of[node] = step  # the full copy is fresh: its single consumer may own it
-
-    def _set_inc(self, node, rect: Rect, step: Step):
-        self._step_of[node] = step
-        self.states[node] = INC
-        self.rects[node] = rect
-        step.out_bytes = self._patch_bytes(node, rect)
-        self.steps.append(step)
-
-    def _set_full(self, node, inputs: list[fx.Node]):
-        for i in inputs:
-            self._project(i)
-        self.states[node] = FULL
-        step = Step("full", node, inputs, out_bytes=self._numel1(node) * self.elem)
-        self._count_full_layer(node)
-        spec = self.c.specs.get(node)
-        if node in self.folded_full:  # batch norm already applied by the conv before it
-            step = Step("full_alias", node, [self.folded_full[node]])
-        elif spec is not None and spec.kind == "window" and spec.op == "conv" and "padding" in spec.extra:
-            bn = self._foldable_batchnorm(node)
-            if bn is not None:  # stock conv with batch norm folded in: one pass over the tensor less
-                step.kind = "full_conv"
-                step.spec = spec
-                step.weight, step.bias = _fold_batchnorm(spec.weight, spec.bias, bn.extra["batchnorm"])
-                self.folded_full[next(iter(node.users))] = node
-        elif spec is not None and spec.kind == "unary" and "inplace_fn" in spec.extra and len(inputs) == 1:
-            producer = self._step_of.get(inputs[0])
-            if len(inputs[0].users) == 1 and producer is not None and producer.kind in ("full_conv", "project"):
-                step.kind, step.spec = "full_inplace", spec  # the input tensor is fresh and seen only here
-        self._step_of[node] = step
-        self.steps.append(step)
-
-    def _count_full_layer(self, node):
-        spec = self.c.specs.get(node)
-        if spec is not None and spec.kind == "window" and spec.op == "conv" and self.shapes[node] is not None:
-            full = self._conv_macs(spec, self.shapes[node][1], self._spatial(node))
-            self.layers.append(LayerCost(node.name, "conv", full, full))
-        elif node.op == "call_module" and isinstance(self.c.gm.get_submodule(node.target), torch.nn.Linear):
-            m = self.c.gm.get_submodule(node.target)
-            macs = m.in_features * m.out_features
-            self.layers.append(LayerCost(node.name, "linear", macs, macs))
-
-    @staticmethod
-    def _conv_macs(spec: OpSpec, c_out: int, spatial: tuple[int, int]) -> int:
-        c_in_per_group = int(spec.weight.shape[1])
-        return c_in_per_group * spec.kernel[0] * spec.kernel[1] * int(c_out) * spatial[0] * spatial[1]
-
-    # ---- main loop ------------------------------------------------------------------------------
-    def build(self) -> Plan:
-        output = None
+    def _walk(self) -> None:
         for node in self.c.nodes:
             if node.op == "placeholder":
-                self._input(node)
+                h, w = self.input_shape[2], self.input_shape[3]
+                p = self.patch_size
+                rect = Rect(geo.Rect1D(self.origins[:, 0].copy(), p, h), geo.Rect1D(self.origins[:, 1].copy(), p, w))
+                self.states[node], self.rects[node] = INC, rect
+                self.input(node, rect)
             elif node.op == "get_attr":
                 self.states[node] = CONST
             elif node.op == "output":
-                output = node
-                for i in _tensor_inputs(node):
-                    self._project(i)
+                self.output = node
+                self.finish(node)
             else:
                 self._call(node)
-        steps = self.steps
-        last_use = {}
-        for idx, step in enumerate(steps):
-            for i in step.inputs:
-                last_use[i] = idx
-            if step.kind == "project":
-                last_use[step.node] = max(last_use.get(step.node, idx), idx)
-        for i in _tensor_inputs(output):
-            last_use[i] = len(steps)
-        return Plan(
-            input_shape=self.input_shape, patch_size=self.patch_size, stride=self.stride, tau=self.tau,
-            origins=self.origins, states=self.states, rects=self.rects,
-            origin_tensors={n: r.origin_tensor() for n, r in self.rects.items()}, steps=steps,
-            shapes=self.shapes, output=output, last_use=last_use, layers=self.layers,
-            peak_bytes_per_position=self._peak_bytes(steps, last_use),
-        )
 
-    def _input(self, node):
-        h, w = self.input_shape[2], self.input_shape[3]
-        p = self.patch_size
-        rect = Rect(geo.Rect1D(self.origins[:, 0].copy(), p, h), geo.Rect1D(self.origins[:, 1].copy(), p, w))
-        self._set_inc(node, rect, Step("input", node))
-
-    def _call(self, node):
-        inputs = _tensor_inputs(node)
+    def _call(self, node) -> None:
+        inputs = list(node.all_input_nodes)
         states = [self.states[i] for i in inputs]
         if all(s == CONST for s in states):
             self.states[node] = CONST
             return
         spec = self.c.specs.get(node)
-        if spec is not None and all(s == INC for s in states) and self._spatial(node) is not None:
-            handler = getattr(self, f"_{spec.kind}")
-            if handler(node, spec):
-                return
-        self._set_full(node, inputs)
+        incremental = all(s == INC for s in states) and self.spatial(node) is not None
+        rect = spec.rule.rect(self, node, spec) if spec is not None and incremental else None
+        if rect is not None:
+            self.states[node], self.rects[node] = INC, rect
+            full_hw = self.spatial(node)
+            self._count(node, spec, spec.rule.macs(self, node, spec, full_hw),
+                        spec.rule.macs(self, node, spec, rect.size))
+            self.incremental(node, spec, rect)
+            return
+        self.states[node] = FULL
+        if self.fallback is None and any(s == INC for s in states):
+            why = ("no rule runs it incrementally" if spec is None else
+                   f"its {spec.rule.kind} region covers the whole map" if incremental else
+                   "it is not spatial")
+            self.fallback = f"stops at node {_describe(self.c, node)}: {why}"
+        self._count_full(node, spec)
+        self.full(node, inputs, spec)
 
-    # Each handler returns True when the node was planned incrementally.
-    def _window(self, node, spec: OpSpec) -> bool:
-        x = spec.inputs[0]
-        in_hw, out_hw = self._spatial(x), self._spatial(node)
-        if in_hw is None:
-            return False
-        spec = self._resolve_adaptive(spec, in_hw, out_hw)
-        if spec is None or not self._window_fits(spec, in_hw, out_hw):
-            return False
-        rin = self.rects[x]
-        wy = geo.sliding_window(rin.y, out_hw[0], spec.kernel[0], spec.stride[0], spec.pad_before[0],
-                                spec.dilation[0], self.tau)
-        wx = geo.sliding_window(rin.x, out_hw[1], spec.kernel[1], spec.stride[1], spec.pad_before[1],
-                                spec.dilation[1], self.tau)
-        rect = Rect(wy.out, wx.out)
-        if rect.covers_map():
-            return False  # the window is the whole map: stock execution is as cheap and simpler
-        step = Step("window", node, [x], spec)
-        step.read_origin = torch.from_numpy(np.stack([wy.read_origin, wx.read_origin], axis=1).copy())
-        step.read_size = (wy.read_size, wx.read_size)
-        step.pad_value = float("-inf") if spec.op == "max" else 0.0
-        step.tmp_bytes = int(self.shapes[x][1]) * wy.read_size * wx.read_size * self.elem
-        if spec.op == "conv":
-            step.weight, step.bias = spec.weight, spec.bias
-            full = self._conv_macs(spec, self.shapes[node][1], out_hw)
-            inc = self._conv_macs(spec, self.shapes[node][1], rect.size)
+    def _count(self, node, spec: OpSpec, full: int, inc: int) -> None:
+        if full:
             self.layers.append(LayerCost(node.name, "conv", full, inc))
-            bn = self._foldable_batchnorm(node)
-            if bn is not None:
-                step.weight, step.bias = _fold_batchnorm(spec.weight, spec.bias, bn.extra["batchnorm"])
-                self.folded[next(iter(node.users))] = node
-        self._set_inc(node, rect, step)
-        return True
 
-    def _foldable_batchnorm(self, node) -> OpSpec | None:
+    def _count_full(self, node, spec: OpSpec | None) -> None:
+        if spec is not None and self.spatial(node) is not None:
+            macs = spec.rule.macs(self, node, spec, self.spatial(node))
+            self._count(node, spec, macs, macs)
+        elif node.op == "call_module" and isinstance(self.c.module(node), torch.nn.Linear):
+            m = self.c.module(node)
+            macs = m.in_features * m.out_features
+            self.layers.append(LayerCost(node.name, "linear", macs, macs))
+
+    # hooks for Builder: the geometry walk itself records nothing more
+    def input(self, node, rect: Rect) -> None:
+        pass
+
+    def incremental(self, node, spec: OpSpec, rect: Rect) -> None:
+        pass
+
+    def full(self, node, inputs: list[fx.Node], spec: OpSpec | None) -> None:
+        pass
+
+    def finish(self, output: fx.Node) -> None:
+        pass
+
+
+class Builder(Walk):
+    """The walk plus the steps of batched execution (what the rules' `plan` and `full_step` return)."""
+
+    def __init__(self, capture, input_shape, dtype, patch_size, stride, tau, origins):
+        self.dtype = dtype
+        self.elem = torch.empty((), dtype=dtype).element_size()
+        self.stride = stride
+        self.steps: list[Step] = []
+        self.producer: dict[fx.Node, Step] = {}  # node -> the step that makes its patch
+        self.full_producer: dict[fx.Node, Step] = {}  # node -> the step that makes its full tensor
+        self._folded: dict[fx.Node, fx.Node] = {}  # batch-norm node -> the conv folded into it
+        super().__init__(capture, input_shape, dtype, patch_size, tau, origins)
+
+    # ---- what rules ask the builder ---------------------------------------------------------------
+    def numel1(self, node) -> int:
+        shape = self.shapes.get(node)
+        return int(math.prod(shape[1:])) if shape is not None else 0
+
+    def patch_bytes(self, node, rect: Rect) -> int:
+        return int(self.shapes[node][1]) * rect.size[0] * rect.size[1] * self.elem
+
+    def foldable_batchnorm(self, node) -> fx.Node | None:
+        """The eval batch norm that is `node`'s only user, if any (it can be folded into the conv)."""
         if len(node.users) != 1:
             return None
         user = next(iter(node.users))
         spec = self.c.specs.get(user)
-        if spec is not None and spec.kind == "unary" and "batchnorm" in spec.extra:
-            return spec
-        return None
+        return user if spec is not None and isinstance(spec.rule, BatchNormRule) else None
 
-    @staticmethod
-    def _resolve_adaptive(spec: OpSpec, in_hw, out_hw) -> OpSpec | None:
-        """Adaptive average pooling is a plain pooling when the input divides evenly."""
-        if "adaptive" not in spec.extra:
-            return spec
-        if in_hw[0] % out_hw[0] or in_hw[1] % out_hw[1]:
-            return None
-        k = (in_hw[0] // out_hw[0], in_hw[1] // out_hw[1])
-        return OpSpec("window", spec.inputs, op="avg", kernel=k, stride=k)
+    def folded_into(self, bn_node) -> fx.Node | None:
+        return self._folded.get(bn_node)
 
-    @staticmethod
-    def _window_fits(spec: OpSpec, in_hw, out_hw) -> bool:
-        """Check that a padding-0 window reproduces the node at every output cell."""
-        for d in range(2):
-            ke = geo.effective_kernel(spec.kernel[d], spec.dilation[d])
-            floor_out = (in_hw[d] + 2 * spec.pad_before[d] - ke) // spec.stride[d] + 1
-            if spec.op == "conv":
-                # Output size tells the trailing padding; nothing else to check (same-padding included).
-                continue
-            if out_hw[d] != floor_out and spec.op == "avg":
-                return False  # ceil_mode overflow: the divisor shrinks at the end, a window cannot tell
-        return True
+    def conv_weights(self, node, spec: OpSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The conv's weights, with its batch norm folded in when it has one (cached on the capture)."""
+        bn = self.foldable_batchnorm(node)
+        if bn is None:
+            return spec.weight, spec.bias
+        self._folded[bn] = node
+        key = (node, bn)
+        if key not in self.c.folded_weights:
+            self.c.folded_weights[key] = fold_batchnorm(spec.weight, spec.bias, self.c.specs[bn].extra["batchnorm"])
+        return self.c.folded_weights[key]
 
-    def _unary(self, node, spec: OpSpec) -> bool:
-        x = spec.inputs[0]
-        if self.shapes[node] != self.shapes[x]:
-            return False
-        if node in self.folded:
-            self.states[node] = INC
-            self.rects[node] = self.rects[self.folded[node]]
-            step = Step("alias", node, [self.folded[node]])
-            self._step_of[node] = step
-            self.steps.append(step)
-            return True
-        step = Step("unary", node, [x], spec)
-        step.clone_input = bool(spec.extra.get("inplace")) and len(x.users) > 1
-        step.inplace = "inplace_fn" in spec.extra and self._exclusive(x)
-        self._set_inc(node, self.rects[x], step)
-        return True
-
-    def _exclusive(self, node) -> bool:
+    def exclusive(self, node) -> bool:
         """True when no other node can see `node`'s patch tensor (following aliases back to its maker)."""
         while True:
             if len(node.users) != 1 or self.states.get(node) != INC:
                 return False
-            step = self._step_of.get(node)
-            if step is None or step.kind == "input":
-                return step is not None
-            if step.kind not in ("alias", "pad", "unary"):
+            step = self.producer.get(node)
+            if step is None:
+                return False
+            if not step.may_alias:
                 return True
             node = step.inputs[0]
 
-    def _binary(self, node, spec: OpSpec) -> bool:
-        a, b = spec.inputs
-        if not (self.shapes[a] == self.shapes[b] == self.shapes[node]):
-            return False
-        return self._boxed(node, spec, [a, b])
+    # ---- walk hooks ------------------------------------------------------------------------------------
+    def input(self, node, rect):
+        self._add(Step(INPUT_ACTION, node, fresh=True), self.patch_bytes(node, rect))
 
-    def _cat(self, node, spec: OpSpec) -> bool:
-        dim = spec.extra["dim"]
-        if dim not in (1, -3) or any(self._spatial(i) != self._spatial(node) for i in spec.inputs):
-            return False
-        return self._boxed(node, spec, spec.inputs)
+    def incremental(self, node, spec, rect):
+        self._add(spec.rule.plan(self, node, spec, rect), self.patch_bytes(node, rect))
 
-    def _boxed(self, node, spec, inputs) -> bool:
-        rects = [self.rects[i] for i in inputs]
-        rect = Rect(geo.bounding_box([r.y for r in rects], self.tau), geo.bounding_box([r.x for r in rects], self.tau))
-        step = Step(spec.kind, node, list(inputs), spec)
-        step.stitch_inputs = [not _same_rect(r, rect) for r in rects]
-        step.tmp_bytes = sum(self._patch_bytes(i, rect) for i, s in zip(inputs, step.stitch_inputs) if s)
-        self._set_inc(node, rect, step)
-        return True
+    def full(self, node, inputs, spec):
+        for i in inputs:
+            self._project(i)
+        step = spec.rule.full_step(self, node, spec, inputs) if spec is not None else None
+        self._add(step or Step(FULL_ACTION, node, inputs, full=True), self.numel1(node) * self.elem)
 
-    def _pad(self, node, spec: OpSpec) -> bool:
-        x = spec.inputs[0]
-        top, _, left, _ = spec.pads
-        h, w = self._spatial(node)
-        rin = self.rects[x]
-        rect = Rect(geo.padded(rin.y, top, h), geo.padded(rin.x, left, w))
-        self._set_inc(node, rect, Step("pad", node, [x], spec))
-        return True
+    def finish(self, output):
+        for i in output.all_input_nodes:
+            self._project(i)
 
-    @staticmethod
-    def _peak_bytes(steps: list[Step], last_use: dict) -> int:
-        """Largest per-position working set over the steps: live outputs plus the step's temporaries."""
-        live: dict[fx.Node, int] = {}
-        peak = 0
+    def _project(self, node) -> None:
+        if self.states[node] == INC and node not in self.full_producer:
+            self._add(Step(PROJECT_ACTION, node, full=True, fresh=True), self.numel1(node) * self.elem)
+
+    def _add(self, step: Step, out_bytes: int) -> None:
+        step.out_bytes = out_bytes if step.allocates else 0
+        (self.full_producer if step.full else self.producer)[step.node] = step
+        self.steps.append(step)
+
+    def build(self) -> Plan:
+        steps = self.steps
+        last_use: dict[fx.Node, int] = {}
         for idx, step in enumerate(steps):
-            if step.kind not in ("alias", "pad", "full_alias", "full_inplace"):
-                live[step.node] = live.get(step.node, 0) + step.out_bytes
-            peak = max(peak, sum(live.values()) + step.tmp_bytes)
-            for n in [n for n in live if last_use.get(n, -1) <= idx]:
-                del live[n]
-        return peak
+            for i in step.inputs:
+                last_use[i] = idx
+            if step.action is PROJECT_ACTION:  # reads the node's patch
+                last_use[step.node] = max(last_use.get(step.node, idx), idx)
+        for i in self.output.all_input_nodes:
+            last_use[i] = len(steps)
+        return Plan(
+            input_shape=self.input_shape, patch_size=self.patch_size, stride=self.stride, tau=self.tau,
+            origins=self.origins, states=self.states, rects=self.rects,
+            origin_tensors={n: r.origin_tensor() for n, r in self.rects.items()}, steps=steps,
+            shapes=self.shapes, output=self.output, last_use=last_use, layers=self.layers,
+            peak_bytes_per_position=_peak_bytes(steps, last_use), fallback=self.fallback,
+        )
 
 
-def _same_rect(a: Rect, b: Rect) -> bool:
-    return (a.size == b.size and np.array_equal(a.y.origin, b.y.origin)
-            and np.array_equal(a.x.origin, b.x.origin))
+def _peak_bytes(steps: list[Step], last_use: dict) -> int:
+    """Largest per-position working set over the steps: live outputs plus the step's temporaries."""
+    live: dict[fx.Node, int] = {}
+    peak = 0
+    for idx, step in enumerate(steps):
+        live[step.node] = live.get(step.node, 0) + step.out_bytes
+        peak = max(peak, sum(live.values()) + step.tmp_bytes)
+        for n in [n for n in live if last_use.get(n, -1) <= idx]:
+            del live[n]
+    return peak
 
 
-def _fold_batchnorm(weight, bias, bn) -> tuple[torch.Tensor, torch.Tensor]:
+def fold_batchnorm(weight, bias, bn) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold an eval-mode BatchNorm2d into the preceding conv's weights (saves one pass over patches)."""
     with torch.no_grad():
         scale = bn.running_var.double().add(bn.eps).rsqrt()
@@ -432,4 +319,4 @@ def build_plan(capture: Capture, input_shape, dtype, patch_size: int, stride: in
     """Plan the incremental run of `capture` for an input of `input_shape` (1, C, H, W)."""
     if origins is None:
         origins = geo.grid_origins(input_shape[2], input_shape[3], patch_size, stride)
-    return _Builder(capture, input_shape, dtype, patch_size, stride, tau, np.asarray(origins, np.int64)).build()
+    return Builder(capture, input_shape, dtype, patch_size, stride, tau, np.asarray(origins, np.int64)).build()

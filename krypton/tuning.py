@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import OptionError
+
 TAUS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
 TAU_FLOOR = 0.4
 TAU_STEP = 0.1
@@ -74,7 +76,7 @@ def _numpy(x):
 def check_target_ssim(target_ssim) -> float:
     if isinstance(target_ssim, bool) or not isinstance(target_ssim, (int, float)) \
             or not math.isfinite(target_ssim) or not 0.0 < target_ssim <= 1.0:
-        raise ValueError(f"target_ssim={target_ssim!r} is out of range: allowed (0, 1]")
+        raise OptionError("target_ssim", target_ssim, "(0, 1]")
     return float(target_ssim)
 
 

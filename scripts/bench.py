@@ -92,8 +92,6 @@ def parse_args(argv=None):
     p.add_argument("--ig-steps", type=_ints, help="Integrated Gradients steps, e.g. 25,50,100,200")
     p.add_argument("--ig-batch", type=int, help="IG internal_batch_size (capped at steps)")
     p.add_argument("--inc-batch", type=int, help="krypton batch size (default: the engine's memory-budget choice)")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="ask the engine to capture the fixed-shape incremental batch as a CUDA graph")
     p.add_argument("--onednn-cache-capacity", type=int,
                    help="set ONEDNN_PRIMITIVE_CACHE_CAPACITY (before torch loads; default: oneDNN's 1024). "
                         "Recorded in the JSON either way")
@@ -146,7 +144,7 @@ def bench_model(args, name, model, preprocess_cfg, images, meter, pretrained) ->
     """All contenders for one model on `images` [(name, tensor)]; returns (runs, memory rows, info)."""
     from bench import contenders as C
     import krypton
-    from krypton.obe import fill_values
+    from krypton.options import fill_values
 
     device = meter.device
     model = model.to(device).eval()
@@ -206,9 +204,6 @@ def bench_model(args, name, model, preprocess_cfg, images, meter, pretrained) ->
             exact.notes.append(f"{img_name}: the exact heatmap is constant (label probability {prob:.6f} never "
                                "moves): SSIM of approximate modes is meaningless for this model/image")
         add(exact)
-        if args.cuda_graphs:
-            add(C.run_krypton(case, batch_size=args.inc_batch, extra_options={"cuda_graphs": True},
-                              label="krypton exact (CUDA graphs)"))
 
         naive_full = None
         if "naive" not in skip:
@@ -247,14 +242,14 @@ def bench_model(args, name, model, preprocess_cfg, images, meter, pretrained) ->
             for tau in taus:
                 if tau >= 1.0:
                     continue
-                res = C.run_krypton(case, tau=tau, batch_size=args.inc_batch, extra_options=None)
+                res = C.run_krypton(case, tau=tau, batch_size=args.inc_batch)
                 if tau == tuned:
                     res.label += f" ({tuned_src})"
                 add(res)
         if "drilldown" not in skip:
             dd_tau = tuned if tuned else 1.0
             res = C.run_krypton(case, tau=dd_tau, drilldown=(args.drilldown_r, args.drilldown_target),
-                                batch_size=args.inc_batch, extra_options=None)
+                                batch_size=args.inc_batch)
             res.label = (f"krypton tau={dd_tau:g} ({tuned_src if tuned else 'no tuned tau: exact'}) + drill-down "
                          f"r={args.drilldown_r:g} target {args.drilldown_target:g}")
             add(res)
@@ -282,7 +277,6 @@ def run_benchmark(args, models=None) -> dict:
     from bench import report
     from bench.images import model_inputs
     from bench.measure import Meter, machine_info
-    from bench import contenders as C
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -292,10 +286,6 @@ def run_benchmark(args, models=None) -> dict:
     meter = Meter(device)
     machine = machine_info(device)
     machine["memory_method"] = meter.method
-    caps = C.engine_capabilities()
-    if args.cuda_graphs and not caps.get("cuda_graphs"):
-        log("WARNING: --cuda-graphs requested but this krypton's explain() has no cuda_graphs option; "
-            "the krypton rows will be marked skipped")
     t_start = time.perf_counter()
     name = args.name or f"{args.preset}-{device.type}-p{args.patch}s{args.stride}-{time.strftime('%Y%m%d-%H%M')}"
     log(f"benchmark {name}: {machine['cpu_model']}, {machine['cpus_usable']} cores, torch threads "
@@ -337,11 +327,8 @@ def run_benchmark(args, models=None) -> dict:
         "SSIM vs exact: krypton.heatmap_ssim (the tau tuner's definition: skimage structural_similarity, "
         "data_range = max - min over both maps, win 7), so the numbers compare with krypton/tuned/.",
     ]
-    if not caps.get("drilldown") and not caps.get("explain_approximate"):
-        notes.append("Drill-down rows are SKIPPED: this krypton's explain() has no `drilldown` option yet "
-                     "(bench/contenders.py: drilldown_options() holds the assumed call).")
     result = {
-        "name": name, "machine": machine, "engine_capabilities": caps,
+        "name": name, "machine": machine,
         "settings": {"preset": args.preset, "patch": args.patch, "stride": args.stride, "fill": args.fill,
                      "images": image_names, "models": [m[0] for m in models], "batch_sizes": args.batch_sizes,
                      "layouts": args.layouts, "sample_batches": args.sample_batches, "ppe": args.ppe,

@@ -137,10 +137,10 @@ def test_prepare_builds_the_plans_explain_uses():
     model = _net("strided", torch.float32)
     explainer = krypton.Explainer(model)
     explainer.prepare((1, 3, 20, 20), 4, 2)
-    built = len(explainer._plans.items)
-    assert built >= 2  # the grid's plan(s) and the centre estimate
+    built = explainer.plan_builds
+    assert built == len(explainer.groups((1, 3, 20, 20), 4, 2))  # one plan per position group, nothing else
     explainer.explain(torch.randn(3, 20, 20), patch_size=4, stride=2)
-    assert len(explainer._plans.items) == built
+    assert explainer.plan_builds == built
 
 
 def test_attribution_is_mean_drop_over_covering_windows():
