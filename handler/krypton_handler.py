@@ -20,17 +20,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 from PIL import Image
 from ts.torch_handler.base_handler import BaseHandler
 
+import krypton
 import obe_memory
 import obe_render
 import obe_request
+from krypton.errors import ModelError, OptionError
 from obe_request import RequestError
 
 logger = logging.getLogger(__name__)
@@ -38,19 +39,6 @@ logger = logging.getLogger(__name__)
 _JSON = "application/json"
 _PHRASES = {400: "Bad Request", 413: "Payload Too Large", 500: "Internal Server Error"}
 UNTRAINED = "untrained-random-init"
-
-
-def _jsonable(value):
-    """Engine extras (approximation report, drill-down details) as plain JSON types."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if hasattr(value, "tolist"):  # numpy
-        return value.tolist()
-    return value
 
 
 class KryptonHandler(BaseHandler):
@@ -85,10 +73,7 @@ class KryptonHandler(BaseHandler):
             self.weights = UNTRAINED
         self.num_classes = self._probe_num_classes()
 
-        import krypton  # the engine; imported here so a missing install fails the load loudly
-
         self.explainer = krypton.Explainer(self.model, cache_bytes=s.cache_bytes)
-        self._grid_shape = krypton.grid_shape
         self._warm_up()
         msg = (f"model {self.model_name}: arch={s.arch or 'user model'} weights={self.weights} "
                f"classes={self.num_classes} device={self.device} threads={torch.get_num_threads()} "
@@ -144,16 +129,23 @@ class KryptonHandler(BaseHandler):
                 else:
                     x, _view, _ = self._load_image(image_bytes)
                     predicts.append((idx, x))
-            except RequestError as e:
-                results[idx] = self._error(idx, e.status, e.to_dict(), explain)
-            except Exception as e:  # a bug or an engine failure: answer 500, keep serving
-                logger.exception("model %s: request %d failed", self.model_name, idx)
-                results[idx] = self._error(idx, 500, {
-                    "code": 500, "type": "InternalServerError",
-                    "message": f"{type(e).__name__}: {e}"}, explain)
+            except Exception as e:  # noqa: BLE001 - nothing a client sends may take the worker down
+                results[idx] = self._failure(idx, e, explain)
         if predicts:
             self._predict(predicts, results)
         return results
+
+    def _failure(self, idx, e: Exception, explain: bool):
+        """Client mistakes (RequestError, the engine's OptionError) answer 4xx naming the parameter; any
+        other exception is a 500 whose traceback goes to the log, never to the client."""
+        if isinstance(e, RequestError):
+            return self._error(idx, e.status, e.to_dict(), explain)
+        if isinstance(e, OptionError):
+            return self._error(idx, 400, RequestError(str(e), parameter=e.parameter).to_dict(), explain)
+        logger.exception("model %s: request %d failed", self.model_name, idx)
+        message = (f"the model cannot be explained: {e}" if isinstance(e, ModelError) else
+                   f"internal error ({type(e).__name__}); the worker log has the details")
+        return self._error(idx, 500, {"code": 500, "type": "InternalServerError", "message": message}, explain)
 
     # ---------------------------------------------------------------------------------- helpers
     def _metric(self, idx, name, value, unit="Count", counter=False):
@@ -210,11 +202,9 @@ class KryptonHandler(BaseHandler):
                 results[idx] = json.dumps({"model": self.model_name, "weights": self.weights,
                                            "predictions": preds})
                 self._metric(idx, "KryptonPredictRequests", 1, counter=True)
-        except Exception as e:
-            logger.exception("model %s: predict batch failed", self.model_name)
+        except Exception as e:  # noqa: BLE001
             for idx in idxs:
-                results[idx] = self._error(idx, 500, {"code": 500, "type": "InternalServerError",
-                                                      "message": f"{type(e).__name__}: {e}"}, False)
+                results[idx] = self._failure(idx, e, False)
 
     def _streamer(self, idx):
         """Progress callback sending the coarse drill-down map as an intermediate response.
@@ -239,107 +229,83 @@ class KryptonHandler(BaseHandler):
         return send
 
     def _explain(self, idx, image_bytes, opts, t0):
-        s = self.settings
+        """request -> run -> metrics -> render: one explanation, as JSON or PNG."""
         x, view, decode_ms = self._load_image(image_bytes)
+        positions = self._check_positions(x, opts)
+        with obe_memory.PeakMemory(self.device) as pm:
+            exp = self._run(idx, x, opts)
+        result = exp.to_dict()
+        result["timings_ms"]["decode_preprocess"] = decode_ms
+        result["memory"].update(pm.to_dict())
+        self._record(idx, x, exp, result, positions, pm)
+        if opts.format == "png":
+            return self._png(idx, view, exp, positions, result["timings_ms"]["total"])
+        return self._json(idx, x, exp, result, opts, t0)
+
+    def _check_positions(self, x, opts) -> int:
+        """The number of patch positions, refused above the limit before any inference."""
         H, W = int(x.shape[-2]), int(x.shape[-1])
-        try:
-            hm, wm = self._grid_shape(H, W, opts.patch_size, opts.stride)
-        except ValueError as e:
-            msg = str(e)
-            raise RequestError(f"{msg} (the model input is the preprocessed {H}x{W} view)",
-                               parameter="stride" if msg.startswith("stride") else "patch_size") from None
+        hm, wm = krypton.grid_shape(H, W, opts.patch_size, opts.stride)  # OptionError: patch or stride too big
         positions = int(hm) * int(wm)
-        if positions > s.limits.max_positions:
+        if positions > self.settings.limits.max_positions:
             raise RequestError(
                 f"{positions} occlusion positions ({hm}x{wm} for a {H}x{W} input, patch_size "
                 f"{opts.patch_size}, stride {opts.stride}) exceed the limit max_positions="
-                f"{s.limits.max_positions}; use a larger stride", parameter="stride")
-        mean, std = s.preprocess.mean, s.preprocess.std
-        with obe_memory.PeakMemory(self.device) as pm:
-            try:
-                exp = self.explainer.explain(
-                    x.to(self.device), patch_size=opts.patch_size, stride=opts.stride, fill=opts.fill,
-                    target=opts.target, batch_size=opts.batch_size, method=opts.method,
-                    normalize=(mean, std), memory_budget=s.memory_budget, tau=opts.tau,
-                    target_ssim=opts.target_ssim, drilldown=opts.drilldown, mode=opts.mode,
-                    progress=self._streamer(idx) if opts.stream and opts.format == "json" else None)
-            except ValueError as e:  # the engine's word on a parameter it refuses
-                raise RequestError(str(e)) from None
-        heatmap = exp.heatmap.detach().float().cpu()
-        label = int(exp.label)
-        prob = float(exp.probability)
-        timings = {k: float(v) for k, v in dict(exp.timings_ms).items()}
-        timings["decode_preprocess"] = decode_ms
-        memory = {k: (int(v) if v is not None else None) for k, v in dict(exp.memory).items()}
-        memory.update(pm.to_dict())
-        cache = str(exp.cache)
-        used = {
-            "patch_size": int(getattr(exp, "patch_size", opts.patch_size)),
-            "stride": int(getattr(exp, "stride", opts.stride)),
-            "fill": opts.fill,
-            "target": opts.target,
-            "method": str(getattr(exp, "method", opts.method)),
-            "batch_size": int(exp.batch_size),
-            "tau": float(getattr(exp, "tau", opts.tau)),
-            "format": opts.format,
-        }
-        fill_value = getattr(exp, "fill", None)  # what the engine wrote (a named fill resolved)
-        if isinstance(fill_value, torch.Tensor):
-            fill_value = fill_value.tolist()
-        if fill_value is not None and fill_value != opts.fill:
-            used["fill_value"] = fill_value
+                f"{self.settings.limits.max_positions}; use a larger stride", parameter="stride")
+        return positions
 
-        # metrics and the log line before rendering, so a render failure still counts the work
+    def _run(self, idx, x, opts):
+        s = self.settings
+        return self.explainer.explain(
+            x.to(self.device), patch_size=opts.patch_size, stride=opts.stride, fill=opts.fill,
+            target=opts.target, batch_size=opts.batch_size, method=opts.method,
+            normalize=(s.preprocess.mean, s.preprocess.std), memory_budget=s.memory_budget, tau=opts.tau,
+            target_ssim=opts.target_ssim, drilldown=opts.drilldown, mode=opts.mode,
+            progress=self._streamer(idx) if opts.stream and opts.format == "json" else None)
+
+    def _record(self, idx, x, exp, result, positions, pm) -> None:
+        """Metrics and the log line, before rendering: a render failure still counts the work."""
+        total = result["timings_ms"].get("total", 0.0)
         self._metric(idx, "KryptonExplainRequests", 1, counter=True)
-        self._metric(idx, "KryptonCacheHits" if cache == "hit" else "KryptonCacheMisses", 1, counter=True)
-        self._metric(idx, "KryptonExplainLatency", timings.get("total", 0.0), "Milliseconds")
-        self._metric(idx, "KryptonExplainLatencyTotal", timings.get("total", 0.0), "Milliseconds", counter=True)
+        self._metric(idx, "KryptonCacheHits" if exp.cache == "hit" else "KryptonCacheMisses", 1, counter=True)
+        self._metric(idx, "KryptonExplainLatency", total, "Milliseconds")
+        self._metric(idx, "KryptonExplainLatencyTotal", total, "Milliseconds", counter=True)
         self._metric(idx, "KryptonPositions", positions)
         self._metric(idx, "KryptonPositionsTotal", positions, counter=True)
-        self._metric(idx, "KryptonMaterializedBytes", memory.get("materialized_bytes") or 0, "Bytes")
+        self._metric(idx, "KryptonMaterializedBytes", result["memory"].get("materialized_bytes") or 0, "Bytes")
         self._metric(idx, "KryptonMeasuredPeakBytes", pm.peak_bytes or 0, "Bytes")
-        logger.info("model %s weights=%s explain %dx%d P=%d S=%d method=%s batch=%d positions=%d "
-                    "cache=%s total=%.1fms peak=%s B (%s)", self.model_name, self.weights, H, W,
-                    used["patch_size"], used["stride"], used["method"], used["batch_size"], positions,
-                    cache, timings.get("total", 0.0), pm.peak_bytes, pm.method)
+        logger.info("model %s weights=%s explain %dx%d P=%d S=%d method=%s incremental=%s batch=%d positions=%d "
+                    "cache=%s total=%.1fms peak=%s B (%s)", self.model_name, self.weights, x.shape[-2],
+                    x.shape[-1], exp.patch_size, exp.stride, exp.method, exp.incremental, exp.batch_size,
+                    positions, exp.cache, total, pm.peak_bytes, pm.method)
 
-        if opts.format == "png":
-            png = obe_render.overlay_png(view, heatmap.numpy(), prob, used["patch_size"], used["stride"])
-            c = self.context
-            c.set_response_content_type(idx, "image/png")
-            for k, v in (("Label", label), ("Probability", f"{prob:.6g}"), ("Cache", cache),
-                         ("Positions", positions), ("Weights", self.weights),
-                         ("Total-Ms", f"{timings.get('total', 0.0):.1f}")):
-                c.set_response_header(idx, f"X-Krypton-{k}", str(v))
-            name = self._name(label)
+    def _png(self, idx, view, exp, positions, total_ms) -> bytes:
+        prob = float(exp.probability)
+        heatmap = exp.heatmap.detach().float().cpu().numpy()
+        png = obe_render.overlay_png(view, heatmap, prob, exp.patch_size, exp.stride)
+        c = self.context
+        c.set_response_content_type(idx, "image/png")
+        for k, v in (("Label", exp.label), ("Probability", f"{prob:.6g}"), ("Cache", exp.cache),
+                     ("Positions", positions), ("Weights", self.weights), ("Total-Ms", f"{total_ms:.1f}")):
+            c.set_response_header(idx, f"X-Krypton-{k}", str(v))
+        name = self._name(exp.label)
+        if name is not None:
+            c.set_response_header(idx, "X-Krypton-Label-Name", name.encode("ascii", "replace").decode())
+        return png
+
+    def _json(self, idx, x, exp, result, opts, t0) -> str:
+        """The explanation's own to_dict() plus what only the server knows."""
+        used = {"patch_size": exp.patch_size, "stride": exp.stride, "fill": opts.fill, "target": opts.target,
+                "method": exp.method, "batch_size": exp.batch_size, "tau": exp.tau, "format": opts.format}
+        if exp.fill != opts.fill:  # what the engine wrote (a named fill resolved)
+            used["fill_value"] = exp.fill
+        body = {"model": self.model_name, "arch": self.settings.arch, "weights": self.weights, **result,
+                "input_shape": [int(v) for v in x.shape], "options": used}
+        for key, cls in (("label_name", exp.label), ("predicted_name", exp.predicted)):
+            name = self._name(cls)
             if name is not None:
-                c.set_response_header(idx, "X-Krypton-Label-Name", name.encode("ascii", "replace").decode())
-            return png
-
-        body = {
-            "model": self.model_name,
-            "arch": s.arch,
-            "weights": self.weights,
-            "label": label,
-            "label_name": self._name(label),
-            "probability": prob,
-            "predicted": int(exp.predicted),
-            "predicted_name": self._name(int(exp.predicted)),
-            "input_shape": [int(v) for v in x.shape],
-            "heatmap_shape": [int(heatmap.shape[0]), int(heatmap.shape[1])],
-            "heatmap": heatmap.tolist(),
-            "options": used,
-            "positions": positions,
-            "timings_ms": timings,
-            "memory": memory,
-            "theoretical_speedup": float(exp.theoretical_speedup),
-            "executed_speedup": float(exp.executed_speedup),
-            **_jsonable(exp.extra),
-            "cache": cache,
-        }
-        if body["label_name"] is None:
-            del body["label_name"], body["predicted_name"]
-        timings["request"] = (time.perf_counter() - t0) * 1e3  # decode to JSON, this worker
+                body[key] = name
+        body["timings_ms"]["request"] = (time.perf_counter() - t0) * 1e3  # decode to JSON, this worker
         if self.context.get_response_content_type(idx) != "application/x-ndjson":  # not streamed
             self.context.set_response_content_type(idx, _JSON)
         return json.dumps(body)

@@ -16,7 +16,7 @@ import io
 import json
 import math
 import re
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
@@ -101,9 +101,6 @@ class Settings:
     preprocess: Preprocess = field(default_factory=Preprocess)
     limits: Limits = field(default_factory=Limits)
     defaults: Defaults = field(default_factory=Defaults)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
 
 
 def _config_error(path: str, value: Any, expected: str) -> ValueError:
@@ -292,9 +289,6 @@ class Options:
     mode: Optional[str] = None
     stream: bool = False
 
-    def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
-
 
 def parse_bool(name: str, value: Any) -> bool:
     v = _text(name, value)
@@ -309,7 +303,7 @@ def parse_drilldown(value: Any) -> Any:
     """true/false, or an object (JSON text in headers and form fields) with keys r, target_speedup, s1.
 
     The values' ranges depend on the image and stride: the engine checks them (eq. 30) and its
-    ValueError becomes a 400 naming the parameter.
+    OptionError becomes a 400 naming the parameter.
     """
     v = _text("drilldown", value)
     if isinstance(v, str) and v.strip().startswith("{"):
@@ -356,18 +350,11 @@ def parse_options(raw: Mapping[str, Any], settings: Settings, num_classes: Optio
     tau = 1.0
     if present("tau"):
         tau = parse_float("tau", raw["tau"], 0.0, 1.0, lo_open=True)
-        if tau < 1.0 and method != "incremental":
-            raise RequestError(f"option tau: {tau:g} < 1 approximates the incremental method; "
-                               f"use method=incremental (got method={method})", parameter="tau")
     target_ssim = parse_float("target_ssim", raw["target_ssim"], 0.0, 1.0, lo_open=True) \
         if present("target_ssim") else None
     drilldown = parse_drilldown(raw["drilldown"]) if present("drilldown") else None
     mode = parse_choice("mode", raw["mode"], APPROX_MODES) if present("mode") else None
     stream = parse_bool("stream", raw["stream"]) if present("stream") else False
-    approximate = tau < 1.0 or target_ssim is not None or drilldown not in (None, False) or mode == "approximate"
-    if approximate and method != "incremental":
-        raise RequestError(f"approximate options need method=incremental (got method={method})",
-                           parameter="method")
     return Options(patch, stride, fill, target, method, batch, fmt, tau, target_ssim, drilldown, mode, stream)
 
 
