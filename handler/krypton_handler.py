@@ -28,10 +28,10 @@ from PIL import Image
 from ts.torch_handler.base_handler import BaseHandler
 
 import krypton
-import obe_memory
 import obe_render
 import obe_request
 from krypton.errors import ModelError, OptionError
+from krypton.memory import PeakMemory
 from obe_request import RequestError
 
 logger = logging.getLogger(__name__)
@@ -232,7 +232,7 @@ class KryptonHandler(BaseHandler):
         """request -> run -> metrics -> render: one explanation, as JSON or PNG."""
         x, view, decode_ms = self._load_image(image_bytes)
         positions = self._check_positions(x, opts)
-        with obe_memory.PeakMemory(self.device) as pm:
+        with PeakMemory(self.device) as pm:
             exp = self._run(idx, x, opts)
         result = exp.to_dict()
         result["timings_ms"]["decode_preprocess"] = decode_ms

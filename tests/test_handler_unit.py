@@ -21,7 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "handler"))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
-import obe_memory  # noqa: E402
+from krypton import memory as obe_memory  # noqa: E402
 import obe_render  # noqa: E402
 import obe_request as rq  # noqa: E402
 from obe_request import RequestError  # noqa: E402
@@ -287,7 +287,7 @@ def test_archive_contains_handler_helpers_and_config(tmp_path):
     mar = archive_models.build_mar("tiny", str(model_py), cfg, str(tmp_path / "store"), str(tmp_path / "work"),
                                    index_to_name={str(i): f"class {i}" for i in range(10)})
     names = set(zipfile.ZipFile(mar).namelist())
-    assert {"krypton_handler.py", "obe_request.py", "obe_render.py", "obe_memory.py", "model.py",
+    assert {"krypton_handler.py", "obe_request.py", "obe_render.py", "model.py",
             "model-config.yaml", "index_to_name.json", "MAR-INF/MANIFEST.json"} <= names
 
 

@@ -1,4 +1,4 @@
-"""Per-request peak memory measurement.
+"""Peak memory of a block of work (a request, a benchmark run, the memory calibration).
 
 GPU: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus what was
 allocated when the request started (the caching allocator's own accounting: exact for tensors).
@@ -13,7 +13,8 @@ process's resident memory, which is what an operator sees and what the OOM kille
 It counts every page first touched during the request by any thread of the worker (torch's
 intra-op threads included), and nothing that was already resident (e.g. the materialized
 activations of a cache hit, the weights). A TorchServe worker runs one batch at a time, and the
-handler measures each request of a batch on its own, so nothing else runs in the process meanwhile.
+handler measures each request of a batch on its own, so nothing else runs in the process meanwhile;
+the benchmark and the engine's calibration measure one run at a time too.
 Where /proc/self/clear_refs is not writable the fallback is ``getrusage`` ru_maxrss, which cannot
 be reset: it is reported under its own method name and is only an upper bound after the first
 request.
