@@ -50,16 +50,16 @@ def check_bounds(w: int, h: int, resize: Optional[int], crop: Optional[int], *,
                  max_resized_pixels: Optional[int] = None) -> Tuple[int, int]:
     """Validate a ``w`` x ``h`` image against the bounds before any work; returns the size after
     resizing. A bound that is None is not checked."""
-    if min_side is not None and min(w, h) < min_side:
-        raise PreprocessError(f"image is {w}x{h}: its shorter side {min(w, h)} px is below the limit "
-                              f"min_image_side={min_side} (allowed: both sides >= {min_side} px; "
-                              "a smaller image would only be upscaled)", "min_image_side")
     if max_aspect_ratio is not None:
         ratio = max(w, h) / max(1, min(w, h))
         if ratio > max_aspect_ratio:
             raise PreprocessError(f"image is {w}x{h}: aspect ratio {ratio:.4g} exceeds the limit "
                                   f"max_aspect_ratio={max_aspect_ratio:g} (allowed: long side <= "
                                   f"{max_aspect_ratio:g} x short side)", "max_aspect_ratio", 413)
+    if min_side is not None and min(w, h) < min_side:
+        raise PreprocessError(f"image is {w}x{h}: its shorter side {min(w, h)} px is below the limit "
+                              f"min_image_side={min_side} (allowed: both sides >= {min_side} px; "
+                              "a smaller image would only be upscaled)", "min_image_side")
     nw, nh = resized_size(w, h, resize) if resize is not None else (w, h)
     if max_resized_pixels is not None and nw * nh > max_resized_pixels:
         how = f"resizing its short side to {resize} px gives" if resize is not None else "it is"
