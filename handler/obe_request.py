@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from krypton.preprocess import PreprocessError, preprocess_pil
+from krypton.preprocess import PreprocessError, check_bounds, preprocess_pil
 from krypton.preprocess import resized_size  # noqa: F401  (part of this module's API)
 
 # Never decode half an image silently: a truncated file is a client error.
@@ -699,6 +699,10 @@ def decode_image(data: bytes, limits: Limits, allow_conversion: bool = False) ->
         raise RequestError(f"image is {w}x{h} = {w * h} pixels; limit max_image_pixels="
                            f"{limits.max_image_pixels} (checked before decoding: decompression bomb "
                            "protection)", status=413, parameter=IMAGE_FIELD)
+    try:  # a thin image is refused before its pixels are decoded too (the rest: preprocess)
+        check_bounds(w, h, None, None, max_aspect_ratio=limits.max_aspect_ratio)
+    except PreprocessError as e:
+        raise RequestError(e.message, status=e.status, parameter=IMAGE_FIELD) from None
     sixteen = any("16" in m for m in _rawmodes(im)) and im.mode not in ("I;16", "I;16B", "I;16L", "I;16N")
     problem = _describe_mode(im, sixteen)
     if problem is not None and not allow_conversion:
