@@ -131,12 +131,13 @@ class KryptonHandler(BaseHandler):
         import krypton
 
         try:
-            t_img = obe_guard.time_forward(self.model, (4, 3, c, c), self.device)
+            t_img = obe_guard.time_forward(self.model, (1, 3, c, c), self.device)
             speedup = krypton.estimate_speedup(self.model, (1, 3, c, c), d.patch_size, d.stride).speedup
         except Exception:  # no estimate: the budget is then learned from the first explanations
             logger.warning("model %s: time estimate failed", self.model_name, exc_info=True)
             return
         self.budget.seed(t_img, speedup)
+        self.budget.remeasure = lambda: obe_guard.time_forward(self.model, (1, 3, c, c), self.device)
         logger.info("model %s: %.1f ms per full forward, default-options speedup %.2fx; budget %d s per batch "
                     "(max_positions %d: naive ~%.0f s)", self.model_name, t_img * 1e3, speedup,
                     self.settings.limits.max_request_seconds, self.settings.limits.max_positions,

@@ -88,22 +88,30 @@ def check_response_timeout(model_yaml: Optional[Mapping[str, Any]], max_request_
 class WorkBudget:
     """Estimated seconds of an explanation = positions x seconds per position for its method.
 
-    Seeded at load from one timed full forward pass (naive: one image per position; incremental:
-    that divided by the default options' theoretical speedup), then each finished explanation
-    replaces the rate by a running mean of what it measured (per method). The budget is shared by
-    the explanations of one TorchServe batch: responseTimeout counts per batch.
+    Seeded at load from a timed full forward pass (naive: one image per position; incremental:
+    that divided by the default options' theoretical speedup); the first finished explanation of a
+    method replaces its seed, later ones keep a running mean. A load-time measure is pessimistic
+    when several workers start at once, so before refusing, ``remeasure`` (a fresh timed forward
+    pass) may lower the seeds. The budget is shared by the explanations of one TorchServe batch:
+    responseTimeout counts per batch.
     """
 
     def __init__(self, max_seconds: float, response_timeout: Optional[int]):
         self.max_seconds = float(max_seconds)
         self.response_timeout = response_timeout
         self.rate = {"naive": None, "incremental": None}  # seconds per position
+        self.measured = {"naive": False, "incremental": False}
+        self.speedup = 1.0
+        self.remeasure = None  # () -> seconds per image, or None
         self._batch = None
         self._spent = 0.0
 
     def seed(self, seconds_per_image: float, speedup: float) -> None:
-        self.rate["naive"] = seconds_per_image
-        self.rate["incremental"] = seconds_per_image / max(1.0, speedup)
+        self.speedup = max(1.0, float(speedup))
+        for method, rate in (("naive", seconds_per_image), ("incremental", seconds_per_image / self.speedup)):
+            if not self.measured[method]:
+                old = self.rate[method]
+                self.rate[method] = rate if old is None else min(old, rate)
 
     def estimate(self, positions: int, method: str) -> Optional[float]:
         r = self.rate.get(method)
@@ -118,6 +126,12 @@ class WorkBudget:
         if est is None:
             return
         left = self.max_seconds - self._spent
+        if est > left and self.remeasure is not None and not self.measured[method]:
+            try:
+                self.seed(self.remeasure(), self.speedup)
+            except Exception:
+                logger.debug("re-measuring the forward time failed", exc_info=True)
+            est = self.estimate(positions, method)
         if est > left:
             rt = f", TorchServe responseTimeout={self.response_timeout} s" if self.response_timeout else ""
             shared = f" ({left:.0f} s left in this TorchServe batch)" if left < self.max_seconds else ""
@@ -134,7 +148,8 @@ class WorkBudget:
             return
         observed = seconds / positions
         old = self.rate[method]
-        self.rate[method] = observed if old is None else 0.5 * (old + observed)
+        self.rate[method] = observed if old is None or not self.measured[method] else 0.5 * (old + observed)
+        self.measured[method] = True
 
 
 def time_forward(model, shape, device, repeats: int = 2) -> float:

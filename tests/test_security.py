@@ -211,3 +211,16 @@ def test_work_budget_refuses_before_starting():
         b.check(ctx, 1500, "incremental")
     b.record(1000, "naive", 2.0)  # measured 2 ms: the estimate follows
     b.check(_Ctx({0: "e"}), 1500, "naive")
+
+
+def test_work_budget_remeasures_a_pessimistic_seed():
+    """Seeds measured while four workers start at once are pessimistic: one fresh measure first."""
+    b = obe_guard.WorkBudget(10, 900)
+    b.seed(1.0, 2.0)                      # 0.5 s per incremental position: 1500 -> 750 s
+    b.remeasure = lambda: 0.01            # quiet machine now
+    b.check(_Ctx({0: "a"}), 1500, "incremental")
+    assert b.rate["incremental"] == pytest.approx(0.005)
+    b.record(1500, "incremental", 30.0)   # measured wins over any seed
+    assert b.rate["incremental"] == pytest.approx(0.02) and b.measured["incremental"]
+    with pytest.raises(rq.RequestError):
+        b.check(_Ctx({0: "b"}), 1500, "incremental")
