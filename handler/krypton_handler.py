@@ -28,6 +28,7 @@ from PIL import Image
 from ts.torch_handler.base_handler import BaseHandler
 
 import krypton
+import obe_guard
 import obe_render
 import obe_request
 from krypton.errors import ModelError, OptionError
@@ -37,7 +38,8 @@ from obe_request import RequestError
 logger = logging.getLogger(__name__)
 
 _JSON = "application/json"
-_PHRASES = {400: "Bad Request", 413: "Payload Too Large", 500: "Internal Server Error"}
+_PHRASES = {400: "Bad Request", 413: "Payload Too Large", 500: "Internal Server Error",
+            503: "Service Unavailable"}
 UNTRAINED = "untrained-random-init"
 
 
@@ -48,6 +50,10 @@ class KryptonHandler(BaseHandler):
         cfg = (getattr(context, "model_yaml_config", None) or {}).get("handler")
         self.settings = obe_request.settings_from_config(cfg)
         s = self.settings
+        rt = obe_guard.check_response_timeout(getattr(context, "model_yaml_config", None),
+                                              s.limits.max_request_seconds)
+        self.budget = obe_guard.WorkBudget(s.limits.max_request_seconds, rt)
+        obe_guard.watch_duplicate_parts()
         self.model_name = context.model_name
         serialized = (context.manifest or {}).get("model", {}).get("serializedFile")
         if not serialized:
@@ -75,6 +81,7 @@ class KryptonHandler(BaseHandler):
 
         self.explainer = krypton.Explainer(self.model, cache_bytes=s.cache_bytes)
         self._warm_up()
+        self._seed_budget()
         msg = (f"model {self.model_name}: arch={s.arch or 'user model'} weights={self.weights} "
                f"classes={self.num_classes} device={self.device} threads={torch.get_num_threads()} "
                f"preprocess={s.preprocess} limits={s.limits} cache_bytes={s.cache_bytes}")
@@ -101,6 +108,26 @@ class KryptonHandler(BaseHandler):
         logger.info("model %s: warm-up plan (P=%d, S=%d) in %.0f ms", self.model_name, d.patch_size,
                     d.stride, (time.perf_counter() - t0) * 1e3)
 
+    def _seed_budget(self) -> None:
+        """Per-position time estimates for the time budget (obe_guard.WorkBudget)."""
+        c, d = self.settings.preprocess.crop, self.settings.defaults
+        if c is None:
+            return
+        import krypton
+
+        try:
+            t_img = obe_guard.time_forward(self.model, (1, 3, c, c), self.device)
+            speedup = krypton.estimate_speedup(self.model, (1, 3, c, c), d.patch_size, d.stride).speedup
+        except Exception:  # no estimate: the budget is then learned from the first explanations
+            logger.warning("model %s: time estimate failed", self.model_name, exc_info=True)
+            return
+        self.budget.seed(t_img, speedup)
+        self.budget.remeasure = lambda: obe_guard.time_forward(self.model, (1, 3, c, c), self.device)
+        logger.info("model %s: %.1f ms per full forward, default-options speedup %.2fx; budget %d s per batch "
+                    "(max_positions %d: naive ~%.0f s)", self.model_name, t_img * 1e3, speedup,
+                    self.settings.limits.max_request_seconds, self.settings.limits.max_positions,
+                    self.budget.estimate(self.settings.limits.max_positions, "naive"))
+
     def _probe_num_classes(self) -> Optional[int]:
         c = self.settings.preprocess.crop
         if c is None:
@@ -122,7 +149,7 @@ class KryptonHandler(BaseHandler):
             try:
                 explain = str(context.get_request_header(idx, "explain")).lower() == "true"
                 headers = context.get_all_request_header(idx) or {}
-                image_bytes, raw_opts, _kind = obe_request.extract(payload, headers)
+                image_bytes, raw_opts, _kind = obe_request.extract(payload, headers, self.settings.limits)
                 opts = obe_request.parse_options(raw_opts, self.settings, self.num_classes)
                 if explain:
                     results[idx] = self._explain(idx, image_bytes, opts, t0)
@@ -159,6 +186,7 @@ class KryptonHandler(BaseHandler):
             logger.debug("metric %s not recorded", name, exc_info=True)
 
     def _error(self, idx, status, body, explain):
+        body = dict(body, message=obe_request.clip_text(str(body.get("message")), 400))  # bounded echo
         self.context.set_response_status(status, _PHRASES.get(status, "Error"), idx)
         self.context.set_response_content_type(idx, _JSON)
         self._metric(idx, "KryptonClientErrors" if status < 500 else "KryptonServerErrors", 1, counter=True)
@@ -169,7 +197,7 @@ class KryptonHandler(BaseHandler):
     def _load_image(self, image_bytes):
         t0 = time.perf_counter()
         img = obe_request.decode_image(image_bytes, self.settings.limits, self.settings.allow_mode_conversion)
-        x, view = obe_request.preprocess(img, self.settings.preprocess)
+        x, view = obe_request.preprocess(img, self.settings.preprocess, self.settings.limits)
         return x, view, (time.perf_counter() - t0) * 1e3
 
     def _name(self, cls: Optional[int]) -> Optional[str]:
@@ -232,8 +260,10 @@ class KryptonHandler(BaseHandler):
         """request -> run -> metrics -> render: one explanation, as JSON or PNG."""
         x, view, decode_ms = self._load_image(image_bytes)
         positions = self._check_positions(x, opts)
+        self.budget.check(self.context, positions, opts.method)  # refuse what cannot finish in time
         with PeakMemory(self.device) as pm:
             exp = self._run(idx, x, opts)
+        self.budget.record(positions, exp.method, exp.timings_ms["total"] / 1e3)
         result = exp.to_dict()
         result["timings_ms"]["decode_preprocess"] = decode_ms
         result["memory"].update(pm.to_dict())

@@ -16,11 +16,15 @@ import io
 import json
 import math
 import re
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
+
+from krypton.preprocess import PreprocessError, check_bounds, preprocess_pil
+from krypton.preprocess import resized_size  # noqa: F401  (part of this module's API)
 
 # Never decode half an image silently: a truncated file is a client error.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -36,6 +40,45 @@ METHODS = ("incremental", "naive")
 FORMATS = ("json", "png")
 FILL_RANGE = (-1000.0, 1000.0)
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+# Headers cannot carry a name with a space: TorchServe's worker cannot deliver it to a client-made key.
+DUPLICATES_KEY = " krypton duplicate parts"
+ECHO_CHARS = 64          # a client's value is echoed in messages and logs as at most this many characters
+ECHO_NAMES = 5           # and at most this many names of unknown options or fields
+
+
+def clip(value: Any, n: int = ECHO_CHARS) -> str:
+    """A short, bounded repr of a client's value for error messages and logs: the first ``n``
+    characters, then "..." and the full length. Bounded work too (reprlib) for huge containers."""
+    if isinstance(value, (bytes, bytearray)):
+        head = bytes(value[: n + 1])
+        text = repr(head[:n]) + (f"... ({len(value)} bytes)" if len(value) > n else "")
+        return text
+    if isinstance(value, str):
+        return repr(value[:n]) + (f"... ({len(value)} chars)" if len(value) > n else "")
+    r = reprlib.Repr()
+    r.maxstring = r.maxother = n
+    r.maxlist = r.maxtuple = r.maxdict = r.maxset = 8
+    r.maxlevel = 3
+    text = r.repr(value)
+    return text if len(text) <= 2 * n else text[: 2 * n] + "..."
+
+
+def clip_text(text: str, n: int) -> str:
+    """A message or log line cut to ``n`` characters."""
+    return text if len(text) <= n else text[:n] + f"... ({len(text)} chars)"
+
+
+def cut(name: Any, n: int = 32) -> str:
+    """A client-chosen name as the ``parameter`` of an error: plain text, at most ``n`` characters."""
+    text = str(name)
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def clip_names(names) -> str:
+    names = list(names)
+    shown = ", ".join(clip(str(k), 32) for k in names[:ECHO_NAMES])
+    more = f", ... ({len(names)} in all)" if len(names) > ECHO_NAMES else ""
+    return f"[{shown}{more}]"
 
 
 class RequestError(ValueError):
@@ -55,7 +98,7 @@ class RequestError(ValueError):
         return body
 
 
-_STATUS_TYPES = {400: "BadRequest", 413: "PayloadTooLarge", 500: "InternalServerError"}
+_STATUS_TYPES = {400: "BadRequest", 413: "PayloadTooLarge", 500: "InternalServerError", 503: "ServiceUnavailable"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -65,9 +108,15 @@ _STATUS_TYPES = {400: "BadRequest", 413: "PayloadTooLarge", 500: "InternalServer
 @dataclass
 class Limits:
     max_body_bytes: int = 8 * 2**20          # encoded image bytes (TorchServe's max_request_size caps the HTTP body)
-    max_image_pixels: int = 40_000_000       # width * height read from the header, checked before decoding
+    max_image_pixels: int = 40_000_000       # width * height: from the header before decoding, again after
+    max_aspect_ratio: float = 10.0           # long side / short side, checked before resizing
+    max_resized_pixels: int = 4_000_000      # width * height after the resize step, checked before resizing
+    min_image_side: int = 32                 # shorter side of the decoded image, in pixels
     max_positions: int = 6_000               # occlusion positions (heatmap cells) per request
     max_batch_size: int = 256                # occluded images per engine batch
+    max_json_depth: int = 16                 # nesting of a JSON body (KServe v2 needs 4)
+    max_option_bytes: int = 1024             # length of one option value (header, form field or JSON string)
+    max_request_seconds: int = 600           # estimated work per TorchServe batch; responseTimeout must exceed it
     formats: Tuple[str, ...] = DEFAULT_FORMATS  # image formats PIL may open
 
 
@@ -174,9 +223,17 @@ def settings_from_config(handler_cfg: Optional[Mapping[str, Any]]) -> Settings:
 
     lim = _section(cfg, "limits", Limits)
     L = Limits()
-    for key in ("max_body_bytes", "max_image_pixels", "max_positions", "max_batch_size"):
+    for key in ("max_body_bytes", "max_image_pixels", "max_resized_pixels", "min_image_side", "max_positions",
+                "max_batch_size", "max_json_depth", "max_option_bytes", "max_request_seconds"):
         if key in lim:
             setattr(L, key, _cfg_int(f"limits.{key}", lim[key], 1))
+    if "max_json_depth" in lim:
+        L.max_json_depth = _cfg_int("limits.max_json_depth", lim["max_json_depth"], 4, 1000)
+    if "max_aspect_ratio" in lim:
+        v = lim["max_aspect_ratio"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 1:
+            raise _config_error("limits.max_aspect_ratio", v, "a number >= 1")
+        L.max_aspect_ratio = float(v)
     if "formats" in lim:
         if not isinstance(lim["formats"], (list, tuple)) or not lim["formats"]:
             raise _config_error("limits.formats", lim["formats"], "a non-empty list of PIL format names")
@@ -211,7 +268,7 @@ def _text(name: str, value: Any) -> Any:
         try:
             return bytes(value).decode("utf-8").strip()
         except UnicodeDecodeError:
-            raise RequestError(f"option {name}: value is not UTF-8 text", parameter=name) from None
+            raise RequestError(f"option {name}: value {clip(value)} is not UTF-8 text", parameter=name) from None
     if isinstance(value, str):
         return value.strip()
     return value
@@ -228,7 +285,7 @@ def _range_text(lo: int, hi: Optional[int]) -> str:
 def parse_int(name: str, value: Any, lo: int, hi: Optional[int]) -> int:
     v = _text(name, value)
     if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, str) and _INT_RE.match(v))):
-        raise RequestError(f"option {name}: {value!r} is not an integer; allowed: {_range_text(lo, hi)}",
+        raise RequestError(f"option {name}: {clip(value)} is not an integer; allowed: {_range_text(lo, hi)}",
                            parameter=name)
     n = int(v)
     if n < lo or (hi is not None and n > hi):
@@ -243,17 +300,17 @@ def parse_float(name: str, value: Any, lo: float, hi: float, lo_open: bool = Fal
     if isinstance(v, str) and _NUM_RE.match(v):
         v = float(v)
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise RequestError(f"option {name}: {value!r} is not a number; allowed: {rng}", parameter=name)
+        raise RequestError(f"option {name}: {clip(value)} is not a number; allowed: {rng}", parameter=name)
     f = float(v)
     if not math.isfinite(f) or f > hi or f < lo or (lo_open and f == lo):
-        raise RequestError(f"option {name}: {value!r} is out of range; allowed: {rng}", parameter=name)
+        raise RequestError(f"option {name}: {clip(value)} is out of range; allowed: {rng}", parameter=name)
     return f
 
 
 def parse_choice(name: str, value: Any, choices: Tuple[str, ...]) -> str:
     v = _text(name, value)
     if not isinstance(v, str) or v.lower() not in choices:
-        raise RequestError(f"option {name}: {value!r} is not allowed; allowed: {' | '.join(choices)}",
+        raise RequestError(f"option {name}: {clip(value)} is not allowed; allowed: {' | '.join(choices)}",
                            parameter=name)
     return v.lower()
 
@@ -267,10 +324,10 @@ def parse_fill(value: Any):
     if isinstance(v, str) and _NUM_RE.match(v):
         v = float(v)
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise RequestError(f"option fill: {value!r} is not allowed; allowed: {allowed}", parameter="fill")
+        raise RequestError(f"option fill: {clip(value)} is not allowed; allowed: {allowed}", parameter="fill")
     f = float(v)
     if not math.isfinite(f) or not FILL_RANGE[0] <= f <= FILL_RANGE[1]:
-        raise RequestError(f"option fill: {value!r} is out of range; allowed: {allowed}", parameter="fill")
+        raise RequestError(f"option fill: {clip(value)} is out of range; allowed: {allowed}", parameter="fill")
     return f
 
 
@@ -296,7 +353,7 @@ def parse_bool(name: str, value: Any) -> bool:
         return v
     if isinstance(v, str) and v.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
         return v.lower() in ("true", "1", "yes", "on")
-    raise RequestError(f"option {name}: {value!r} is not allowed; allowed: true | false", parameter=name)
+    raise RequestError(f"option {name}: {clip(value)} is not allowed; allowed: true | false", parameter=name)
 
 
 def parse_drilldown(value: Any) -> Any:
@@ -309,16 +366,17 @@ def parse_drilldown(value: Any) -> Any:
     if isinstance(v, str) and v.strip().startswith("{"):
         try:
             v = json.loads(v)
-        except ValueError:
-            raise RequestError(f"option drilldown: {value!r} is not valid JSON", parameter="drilldown") from None
+        except (ValueError, RecursionError):
+            raise RequestError(f"option drilldown: {clip(value)} is not valid JSON", parameter="drilldown") from None
     if isinstance(v, dict):
         unknown = sorted(set(v) - set(DRILLDOWN_KEYS))
         if unknown:
-            raise RequestError(f"option drilldown: unknown key(s) {unknown}; allowed: {list(DRILLDOWN_KEYS)}",
+            raise RequestError(f"option drilldown: unknown key(s) {clip_names(unknown)}; allowed: {list(DRILLDOWN_KEYS)}",
                                parameter="drilldown")
         for k, x in v.items():
             if isinstance(x, bool) or not isinstance(x, (int, float)):
-                raise RequestError(f"option drilldown.{k}: {x!r} is not a number", parameter="drilldown")
+                raise RequestError(f"option drilldown.{clip(k, 32)}: {clip(x)} is not a number; allowed: a number",
+                                   parameter="drilldown")
         return dict(v)
     return parse_bool("drilldown", v)
 
@@ -329,8 +387,13 @@ def parse_options(raw: Mapping[str, Any], settings: Settings, num_classes: Optio
     lim = settings.limits
     unknown = sorted(set(raw) - set(EXPLAIN_OPTIONS))
     if unknown:
-        raise RequestError(f"unknown option(s) {unknown}; allowed: {list(EXPLAIN_OPTIONS)}",
-                           parameter=unknown[0])
+        raise RequestError(f"unknown option(s) {clip_names(unknown)}; allowed: {list(EXPLAIN_OPTIONS)}",
+                           parameter=cut(unknown[0]))
+    for k, v in raw.items():
+        n = len(v) if isinstance(v, (str, bytes, bytearray)) else len(json.dumps(v)) if isinstance(v, (dict, list)) else 0
+        if n > lim.max_option_bytes:
+            raise RequestError(f"option {k}: value {clip(v)} is {n} long; limit max_option_bytes="
+                               f"{lim.max_option_bytes} (allowed: 1..{lim.max_option_bytes})", parameter=k)
 
     def present(k):
         return k in raw and raw[k] is not None and _text(k, raw[k]) != ""
@@ -387,6 +450,55 @@ def _b64(value: Any, where: str) -> bytes:
         raise RequestError(f"{where}: not valid base64", parameter=IMAGE_FIELD) from None
 
 
+V2_TENSOR_KEYS = ("name", "shape", "datatype", "parameters", "data")
+
+
+def _check_v2_tensor(tensor: Mapping[str, Any]) -> None:
+    """KServe v2 (open inference protocol): one input tensor {"name", "shape": [1], "datatype": "BYTES",
+    "data": ["<base64 image>"]}; the spec makes name, shape and datatype mandatory."""
+    unknown = sorted(set(tensor) - set(V2_TENSOR_KEYS))
+    if unknown:
+        raise RequestError(f"KServe v2 inputs[0]: unknown key(s) {clip_names(unknown)}; allowed: "
+                           f"{list(V2_TENSOR_KEYS)}", parameter="inputs")
+    for key in ("name", "shape", "datatype", "data"):
+        if key not in tensor:
+            raise RequestError(f"KServe v2 inputs[0] has no '{key}': send {{\"name\": \"data\", \"shape\": [1], "
+                               "\"datatype\": \"BYTES\", \"data\": [\"<base64 image>\"]}", parameter=f"inputs[0].{key}")
+    if not isinstance(tensor["name"], str):
+        raise RequestError(f"KServe v2 inputs[0].name: {clip(tensor['name'])} is not a string", parameter="inputs[0].name")
+    if tensor["datatype"] != "BYTES":
+        raise RequestError(f"KServe v2 inputs[0].datatype: {clip(tensor['datatype'])} is not allowed; allowed: "
+                           "BYTES (the encoded image as base64)", parameter="inputs[0].datatype")
+    if tensor["shape"] != [1]:
+        raise RequestError(f"KServe v2 inputs[0].shape: {clip(tensor['shape'])} is not allowed; allowed: [1] "
+                           "(one image per request)", parameter="inputs[0].shape")
+    if not isinstance(tensor["data"], list) or len(tensor["data"]) != 1:
+        raise RequestError(f"KServe v2 inputs[0].data: {clip(tensor['data'])} does not match shape [1]; allowed: "
+                           "a list of exactly 1 base64 string", parameter="inputs[0].data")
+
+
+def json_depth_exceeds(obj: Any, limit: int) -> bool:
+    """True when containers nest deeper than ``limit`` (iterative: no recursion on hostile input)."""
+    stack = [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, dict):
+            children = o.values()
+        elif isinstance(o, list):
+            children = o
+        else:
+            continue
+        if d > limit:
+            return True
+        stack.extend((c, d + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
+
+def _depth_error(limit: int) -> RequestError:
+    return RequestError(f"JSON body nests deeper than the limit max_json_depth={limit} (allowed: at most {limit} "
+                        "levels of objects/arrays)", parameter="body")
+
+
 def _from_json(body: Any) -> Tuple[bytes, Dict[str, Any], str]:
     if not isinstance(body, dict):
         raise RequestError(f"JSON body must be an object like {{\"data\": \"<base64 image>\", \"stride\": 8}}, "
@@ -395,8 +507,8 @@ def _from_json(body: Any) -> Tuple[bytes, Dict[str, Any], str]:
     if "instances" in body:  # KServe v1: {"instances": [{"data": "<b64>", ...options}]}
         inst = body.pop("instances")
         if body:
-            raise RequestError(f"KServe v1 body: unexpected top-level keys {sorted(body)}; "
-                               "put options inside the instance", parameter=sorted(body)[0])
+            raise RequestError(f"KServe v1 body: unexpected top-level keys {clip_names(sorted(body))}; "
+                               "put options inside the instance", parameter=cut(sorted(body)[0]))
         if not isinstance(inst, list) or len(inst) != 1 or not isinstance(inst[0], dict):
             raise RequestError("KServe v1 body: 'instances' must be a list of exactly 1 object "
                                "(one image per request)", parameter="instances")
@@ -407,15 +519,14 @@ def _from_json(body: Any) -> Tuple[bytes, Dict[str, Any], str]:
         params = body.pop("parameters", {}) or {}
         body.pop("id", None)
         if body:
-            raise RequestError(f"KServe v2 body: unexpected top-level keys {sorted(body)}; "
-                               "options go in 'parameters'", parameter=sorted(body)[0])
+            raise RequestError(f"KServe v2 body: unexpected top-level keys {clip_names(sorted(body))}; "
+                               "options go in 'parameters'", parameter=cut(sorted(body)[0]))
         if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
             raise RequestError("KServe v2 body: 'inputs' must be a list of exactly 1 input tensor "
                                "(one image per request)", parameter="inputs")
         tensor = inputs[0]
-        data = tensor.get("data")
-        if isinstance(data, list) and len(data) == 1:
-            data = data[0]
+        _check_v2_tensor(tensor)
+        data = tensor["data"][0]
         if not isinstance(params, dict) or not isinstance(tensor.get("parameters", {}) or {}, dict):
             raise RequestError("KServe v2 body: 'parameters' must be an object", parameter="parameters")
         opts = dict(params)
@@ -431,7 +542,8 @@ def _from_json(body: Any) -> Tuple[bytes, Dict[str, Any], str]:
     return image, body, kind
 
 
-def extract(payload: Mapping[str, Any], headers: Mapping[str, Any]) -> Tuple[bytes, Dict[str, Any], str]:
+def extract(payload: Mapping[str, Any], headers: Mapping[str, Any],
+            limits: Optional[Limits] = None) -> Tuple[bytes, Dict[str, Any], str]:
     """Split one TorchServe request into (encoded image bytes, raw options, request kind).
 
     Shapes (checked against TorchServe 0.12): raw body -> {"body": bytearray}; JSON with
@@ -441,6 +553,11 @@ def extract(payload: Mapping[str, Any], headers: Mapping[str, Any]) -> Tuple[byt
     """
     if not isinstance(payload, Mapping):
         raise RequestError("unrecognized request payload")
+    limits = limits or Limits()
+    dups = (headers or {}).get(DUPLICATES_KEY)
+    if dups:
+        raise RequestError(f"multipart field(s) {clip_names(dups)} sent more than once; allowed: each field "
+                           "once (which one would win is not defined)", parameter=cut(dups[0]))
     header_opts = _header_options(headers)
     content_type = ""
     for k, v in (headers or {}).items():
@@ -450,12 +567,15 @@ def extract(payload: Mapping[str, Any], headers: Mapping[str, Any]) -> Tuple[byt
     if "body" in payload:
         extra = sorted(set(payload) - {"body"})
         if extra:
-            raise RequestError(f"unexpected form field(s) {extra} next to a body", parameter=extra[0])
+            raise RequestError(f"unexpected form field(s) {clip_names(extra)} next to a body",
+                               parameter=cut(extra[0]))
         body = payload["body"]
         if isinstance(body, (dict, list)):
+            if json_depth_exceeds(body, limits.max_json_depth):
+                raise _depth_error(limits.max_json_depth)
             image, opts, kind = _from_json(body)
         elif isinstance(body, str):
-            raise RequestError(f"the body arrived as text (Content-Type {content_type or 'text/*'}): "
+            raise RequestError(f"the body arrived as text (Content-Type {clip(content_type or 'text/*')}): "
                                "send the image as binary, e.g. curl -T cat.jpg or "
                                "--data-binary @cat.jpg -H 'Content-Type: image/jpeg'")
         elif isinstance(body, (bytes, bytearray)):
@@ -463,8 +583,13 @@ def extract(payload: Mapping[str, Any], headers: Mapping[str, Any]) -> Tuple[byt
             if "json" in content_type:
                 try:
                     parsed = json.loads(raw.decode("utf-8"))
+                except RecursionError:  # TorchServe's own json.loads failed on it the same way
+                    raise _depth_error(limits.max_json_depth) from None
                 except (UnicodeDecodeError, ValueError) as e:
-                    raise RequestError(f"Content-Type is {content_type} but the body is not valid JSON: {e}") from None
+                    raise RequestError(f"Content-Type is {clip(content_type)} but the body is not valid JSON: "
+                                       f"{clip(str(e), 120)}", parameter="body") from None
+                if json_depth_exceeds(parsed, limits.max_json_depth):
+                    raise _depth_error(limits.max_json_depth)
                 image, opts, kind = _from_json(parsed)
             else:
                 image, opts, kind = raw, {}, "raw"
@@ -484,7 +609,7 @@ def extract(payload: Mapping[str, Any], headers: Mapping[str, Any]) -> Tuple[byt
         fields = sorted(payload)
         how = ("a form-urlencoded body (the default of curl -d and urllib) carries no image"
                if "x-www-form-urlencoded" in content_type else "no image in the request")
-        raise RequestError(f"{how}; fields seen: {fields}. Send the image as the raw body "
+        raise RequestError(f"{how}; fields seen: {clip_names(fields)}. Send the image as the raw body "
                            f"(curl -T cat.jpg), as multipart field '{IMAGE_FIELD}' (-F {IMAGE_FIELD}=@cat.jpg) "
                            f"or as JSON {{\"{IMAGE_FIELD}\": \"<base64>\"}} with Content-Type application/json",
                            parameter=IMAGE_FIELD)
@@ -494,7 +619,7 @@ def extract(payload: Mapping[str, Any], headers: Mapping[str, Any]) -> Tuple[byt
     for k, v in opts.items():
         if k in merged and str(_text(k, merged[k])).lower() != str(_text(k, v)).lower():
             raise RequestError(f"option {k} given twice with different values: header "
-                               f"{merged[k]!r} and body {_text(k, v)!r}", parameter=k)
+                               f"{clip(merged[k])} and body {clip(_text(k, v))}", parameter=k)
         merged[k] = v
     return image, merged, kind
 
@@ -561,6 +686,10 @@ def decode_image(data: bytes, limits: Limits, allow_conversion: bool = False) ->
         raise RequestError(f"image is {w}x{h} = {w * h} pixels; limit max_image_pixels="
                            f"{limits.max_image_pixels} (checked before decoding: decompression bomb "
                            "protection)", status=413, parameter=IMAGE_FIELD)
+    try:  # a thin image is refused before its pixels are decoded too (the rest: preprocess)
+        check_bounds(w, h, None, None, max_aspect_ratio=limits.max_aspect_ratio)
+    except PreprocessError as e:
+        raise RequestError(e.message, status=e.status, parameter=IMAGE_FIELD) from None
     sixteen = any("16" in m for m in _rawmodes(im)) and im.mode not in ("I;16", "I;16B", "I;16L", "I;16N")
     problem = _describe_mode(im, sixteen)
     if problem is not None and not allow_conversion:
@@ -579,6 +708,10 @@ def decode_image(data: bytes, limits: Limits, allow_conversion: bool = False) ->
         im = ImageOps.exif_transpose(im)
     except Exception:
         pass  # a broken EXIF block is not worth refusing the image for
+    w, h = im.size  # what was decoded, not what the header said
+    if w * h > limits.max_image_pixels:
+        raise RequestError(f"decoded image is {w}x{h} = {w * h} pixels; limit max_image_pixels="
+                           f"{limits.max_image_pixels}", status=413, parameter=IMAGE_FIELD)
     return _to_rgb(im)
 
 
@@ -600,35 +733,16 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def resized_size(w: int, h: int, size: int) -> Tuple[int, int]:
-    """torchvision Resize(int): the shorter side becomes ``size``, the longer keeps the aspect."""
-    if w <= h:
-        return size, int(size * h / w)
-    return int(size * w / h), size
-
-
-def preprocess(im: Image.Image, pre: Preprocess):
+def preprocess(im: Image.Image, pre: Preprocess, limits: Optional[Limits] = None):
     """PIL RGB -> (float32 tensor (3, H, W) normalized, uint8 array (H, W, 3) of the same view).
 
-    Same arithmetic as torchvision Resize(int, BILINEAR) + CenterCrop + ToTensor + Normalize on a
-    PIL image, without needing torchvision.
+    krypton.preprocess (torchvision Resize(int, BILINEAR) + CenterCrop + ToTensor + Normalize, the one
+    implementation the benchmark and the tuning scripts use too), with ``limits`` (default: ``Limits()``)
+    checked before anything is resized: min_image_side, max_aspect_ratio, max_resized_pixels.
     """
-    import torch
-
-    if pre.resize is not None:
-        nw, nh = resized_size(im.width, im.height, pre.resize)
-        if (nw, nh) != im.size:
-            im = im.resize((nw, nh), Image.BILINEAR)
-    if pre.crop is not None:
-        c = pre.crop
-        if im.width < c or im.height < c:
-            raise RequestError(f"image is {im.width}x{im.height} after resizing, smaller than the "
-                               f"model's input crop {c}x{c}", parameter=IMAGE_FIELD)
-        top = int(round((im.height - c) / 2.0))
-        left = int(round((im.width - c) / 2.0))
-        im = im.crop((left, top, left + c, top + c))
-    view = np.asarray(im, dtype=np.uint8).copy()
-    x = torch.from_numpy(view).permute(2, 0, 1).to(torch.float32).div_(255.0)
-    mean = torch.tensor(pre.mean, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(pre.std, dtype=torch.float32).view(3, 1, 1)
-    return ((x - mean) / std).contiguous(), view
+    lim = limits or Limits()
+    try:
+        return preprocess_pil(im, pre.resize, pre.crop, pre.mean, pre.std, min_side=lim.min_image_side,
+                              max_aspect_ratio=lim.max_aspect_ratio, max_resized_pixels=lim.max_resized_pixels)
+    except PreprocessError as e:
+        raise RequestError(e.message, status=e.status, parameter=IMAGE_FIELD) from None

