@@ -265,25 +265,12 @@ at::Tensor stitch_cpu(const at::Tensor& materialized, const at::Tensor& patch,
   return out;
 }
 
-at::Tensor& stitch_out_cpu(const at::Tensor& materialized, const at::Tensor& patch,
-                           const at::Tensor& patch_origin, const at::Tensor& window_origin,
-                           double pad_value, at::Tensor& out) {
-  StitchInputs in = check_stitch_inputs(materialized, patch, patch_origin, window_origin);
-  check_cpu(in);
-  check_stitch_out(in, out, materialized);
-  run_cpu(in, out, pad_value);
-  return out;
-}
-
 }  // namespace
 
 TORCH_LIBRARY(krypton, m) {
   m.def(
       "stitch(Tensor materialized, Tensor patch, Tensor patch_origin, Tensor window_origin, "
       "int window_h, int window_w, float pad_value) -> Tensor");
-  m.def(
-      "stitch_out(Tensor materialized, Tensor patch, Tensor patch_origin, Tensor window_origin, "
-      "float pad_value, Tensor(a!) out) -> Tensor(a!)");
 }
 
 // Not differentiable (inference only): autograd passes straight through, so outputs never carry
@@ -291,12 +278,10 @@ TORCH_LIBRARY(krypton, m) {
 // registration for non-differentiable ops).
 TORCH_LIBRARY_IMPL(krypton, Autograd, m) {
   m.impl("stitch", torch::CppFunction::makeFallthrough());
-  m.impl("stitch_out", torch::CppFunction::makeFallthrough());
 }
 
 TORCH_LIBRARY_IMPL(krypton, CPU, m) {
   m.impl("stitch", &stitch_cpu);
-  m.impl("stitch_out", &stitch_out_cpu);
 }
 
 }  // namespace krypton

@@ -4,7 +4,6 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/MemoryOverlap.h>
 
 #include <cstdint>
 #include <cstring>
@@ -67,23 +66,6 @@ inline StitchInputs check_stitch_inputs(const at::Tensor& materialized, const at
                       mat.size(2),
                       patch.size(2),
                       patch.size(3)};
-}
-
-inline void check_stitch_out(const StitchInputs& in, const at::Tensor& out,
-                             const at::Tensor& materialized) {
-  TORCH_CHECK(out.layout() == at::kStrided, "krypton::stitch_out: out must be a dense tensor");
-  TORCH_CHECK(out.dim() == 4 && out.size(0) == in.B && out.size(1) == in.C,
-              "krypton::stitch_out: out must have shape [B,C,window_h,window_w] with B=", in.B,
-              " and C=", in.C, ", got ", out.sizes());
-  TORCH_CHECK(out.scalar_type() == in.mat.scalar_type(), "krypton::stitch_out: out dtype (",
-              out.scalar_type(), ") must match materialized dtype (", in.mat.scalar_type(), ")");
-  TORCH_CHECK(out.device() == in.mat.device(), "krypton::stitch_out: out is on ", out.device(),
-              " but materialized is on ", in.mat.device());
-  if (out.numel() > 0) {
-    at::assert_no_internal_overlap(out);
-    at::assert_no_overlap(out, materialized);
-    if (in.patch.numel() > 0) at::assert_no_overlap(out, in.patch);
-  }
 }
 
 inline void check_window(int64_t window_h, int64_t window_w) {

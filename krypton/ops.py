@@ -95,10 +95,6 @@ if _COMPILED:
             memory_format=_output_memory_format(patch),
         )
 
-    @torch.library.register_fake("krypton::stitch_out")
-    def _stitch_out_fake(materialized, patch, patch_origin, window_origin, pad_value, out):
-        return out
-
 
 # ---------------------------------------------------------------------------------------------
 # public API
@@ -111,32 +107,19 @@ def stitch(
     window_h: int,
     window_w: int,
     pad_value: float = 0.0,
-    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Gather B windows of size (window_h, window_w) from ``materialized`` with patches pasted.
 
     materialized: [C,H,W] or [1,C,H,W]; patch: [B,C,ph,pw] (ph or pw may be 0); patch_origin,
     window_origin: [B,2] int64 (y, x) on the data's device. Returns [B,C,window_h,window_w];
-    channels_last when ``patch`` is channels_last and B > 0, else contiguous. With ``out``
-    (shape [B,C,window_h,window_w], any strides) the result is written there and ``out`` returned.
+    channels_last when ``patch`` is channels_last and B > 0, else contiguous.
     """
-    if out is not None and (out.dim() != 4 or out.shape[2] != window_h or out.shape[3] != window_w):
-        raise ValueError(
-            f"stitch: out has shape {tuple(out.shape)} but the window is ({window_h}, {window_w}); "
-            "expected [B, C, window_h, window_w]"
-        )
     if _COMPILED and not _forced_reference():
-        if out is None:
-            return torch.ops.krypton.stitch(
-                materialized, patch, patch_origin, window_origin, int(window_h), int(window_w),
-                float(pad_value),
-            )
-        return torch.ops.krypton.stitch_out(
-            materialized, patch, patch_origin, window_origin, float(pad_value), out
+        return torch.ops.krypton.stitch(
+            materialized, patch, patch_origin, window_origin, int(window_h), int(window_w),
+            float(pad_value),
         )
-    return stitch_reference(
-        materialized, patch, patch_origin, window_origin, window_h, window_w, pad_value, out=out
-    )
+    return stitch_reference(materialized, patch, patch_origin, window_origin, window_h, window_w, pad_value)
 
 
 def _check_reference_inputs(materialized, patch, patch_origin, window_origin, window_h, window_w):
@@ -177,7 +160,6 @@ def stitch_reference(
     window_h: int,
     window_w: int,
     pad_value: float = 0.0,
-    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Pure-torch ``stitch`` (vectorized gathers, no loop over B); same semantics and layout."""
     mat = _check_reference_inputs(materialized, patch, patch_origin, window_origin, window_h, window_w)
@@ -224,10 +206,4 @@ def stitch_reference(
         res = src.index_select(0, idx.reshape(-1)).view(B, Hr, Wr, C).permute(0, 3, 1, 2)
     else:
         res = src.index_select(1, idx.reshape(-1)).view(C, B, Hr, Wr).permute(1, 0, 2, 3)
-    if out is not None:
-        if out.shape != res.shape or out.dtype != res.dtype:
-            raise ValueError(
-                f"stitch: out must be {tuple(res.shape)} {res.dtype}, got {tuple(out.shape)} {out.dtype}"
-            )
-        return out.copy_(res)
     return res.contiguous(memory_format=fmt)

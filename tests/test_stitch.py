@@ -42,10 +42,8 @@ def slow_stitch(mat, patch, patch_origin, window_origin, wh, ww, pad):
     return out
 
 
-def compiled(mat, patch, po, wo, wh, ww, pad, out=None):
-    if out is None:
-        return torch.ops.krypton.stitch(mat, patch, po, wo, wh, ww, pad)
-    return torch.ops.krypton.stitch_out(mat, patch, po, wo, pad, out)
+def compiled(mat, patch, po, wo, wh, ww, pad):
+    return torch.ops.krypton.stitch(mat, patch, po, wo, wh, ww, pad)
 
 
 def make_case(C, H, W, B, ph, pw, wh, ww, dtype, device="cpu", seed=0, spread=None):
@@ -178,11 +176,6 @@ def test_any_strides(mat_layout, patch_layout, dtype):
     got = compiled(m2, p2, po, wo, wh, ww, -math.inf)
     assert_same(got, want)
     assert_same(ops.stitch_reference(m2, p2, po, wo, wh, ww, -math.inf), want)
-    for out_layout in LAYOUTS:
-        out = _noncontig(torch.full((B, C, wh, ww), 7.0, dtype=dtype), out_layout)
-        res = compiled(m2, p2, po, wo, wh, ww, -math.inf, out=out)
-        assert res.data_ptr() == out.data_ptr()
-        assert_same(out, want)
 
 
 @needs_compiled
@@ -243,29 +236,13 @@ def test_zero_sizes():
     assert (ops.stitch_reference(torch.rand(3, 0, 0), torch.rand(2, 3, 2, 2), po, wo, 3, 3, -1.0) == -1).all()
 
 
-@needs_compiled
-def test_stitch_out_reuses_buffer_and_wrapper():
-    C, H, W, B, ph, pw, wh, ww = 8, 20, 20, 32, 5, 5, 9, 9
-    mat, patch, po, wo = make_case(C, H, W, B, ph, pw, wh, ww, torch.float32, seed=9)
-    buf = torch.empty(B, C, wh, ww)
-    want = slow_stitch(mat, patch, po, wo, wh, ww, 0.0)
-    for _ in range(2):
-        res = ops.stitch(mat, patch, po, wo, wh, ww, 0.0, out=buf)
-        assert res is buf or res.data_ptr() == buf.data_ptr()
-        assert_same(buf, want)
-    with pytest.raises(ValueError, match="window"):
-        ops.stitch(mat, patch, po, wo, wh + 1, ww, 0.0, out=buf)
-
-
 def test_force_reference_env(monkeypatch):
     C, H, W, B, ph, pw, wh, ww = 3, 8, 8, 4, 2, 2, 4, 4
     mat, patch, po, wo = make_case(C, H, W, B, ph, pw, wh, ww, torch.float64, seed=4)
     monkeypatch.setenv("KRYPTON_FORCE_REFERENCE", "1")
     assert ops.backend() == "reference"
     assert_same(ops.stitch(mat, patch, po, wo, wh, ww, -math.inf), slow_stitch(mat, patch, po, wo, wh, ww, -math.inf))
-    buf = torch.empty(B, C, wh, ww, dtype=torch.float64)
-    ops.stitch(mat, patch, po, wo, wh, ww, 0.0, out=buf)
-    assert_same(buf, slow_stitch(mat, patch, po, wo, wh, ww, 0.0))
+    assert_same(ops.stitch(mat, patch, po, wo, wh, ww, 0.0), slow_stitch(mat, patch, po, wo, wh, ww, 0.0))
     monkeypatch.delenv("KRYPTON_FORCE_REFERENCE")
     assert ops.backend() == ("reference" if not COMPILED else ops.backend())
 
@@ -315,37 +292,6 @@ def test_error_messages(args, match):
 
 
 @needs_compiled
-@pytest.mark.parametrize(
-    "out, match",
-    [
-        (torch.empty(2, 3, 3), "out must have shape"),
-        (torch.empty(3, 3, 3, 3), "out must have shape"),
-        (torch.empty(2, 4, 3, 3), "out must have shape"),
-        (torch.empty(2, 3, 3, 3, dtype=torch.float64), "out dtype"),
-        (torch.empty(1, 1, 1, 1).expand(2, 3, 3, 3), "internal overlap|unsupported operation"),
-    ],
-)
-def test_stitch_out_errors(out, match):
-    mat, patch = torch.rand(3, 5, 5), torch.rand(2, 3, 2, 2)
-    z = torch.zeros(2, 2, dtype=torch.long)
-    with pytest.raises(RuntimeError, match=match):
-        torch.ops.krypton.stitch_out(mat, patch, z, z, 0.0, out)
-
-
-@needs_compiled
-def test_stitch_out_rejects_aliasing_inputs():
-    # dense tensors sharing memory (ATen can only prove overlap for dense ones)
-    big = torch.rand(200)
-    mat = big[:75].view(3, 5, 5)
-    z = torch.zeros(2, 2, dtype=torch.long)
-    with pytest.raises(RuntimeError, match="overlap|unsupported operation"):
-        torch.ops.krypton.stitch_out(mat, torch.rand(2, 3, 2, 2), z, z, 0.0, big[50:104].view(2, 3, 3, 3))
-    patch = big[100:124].view(2, 3, 2, 2)
-    with pytest.raises(RuntimeError, match="overlap|unsupported operation"):
-        torch.ops.krypton.stitch_out(torch.rand(3, 5, 5), patch, z, z, 0.0, big[90:144].view(2, 3, 3, 3))
-
-
-@needs_compiled
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_device_mismatch_is_rejected():
     mat = torch.rand(3, 5, 5, device="cuda")
@@ -366,9 +312,6 @@ def test_opcheck_schema_and_fake():
         torch.ops.krypton.stitch.default,
         (mat, patch.contiguous(memory_format=torch.channels_last), po, wo, wh, ww, -math.inf),
         test_utils=tests,
-    )
-    torch.library.opcheck(
-        torch.ops.krypton.stitch_out.default, (mat, patch, po, wo, 0.0, torch.empty(B, C, wh, ww)), test_utils=tests
     )
 
 
@@ -433,6 +376,3 @@ def test_cuda_matches_cpu(dtype, layout):
     got = compiled(m, p, po.cuda(), wo.cuda(), wh, ww, -math.inf)
     assert got.is_cuda
     assert_same(got, want)
-    out = _noncontig(torch.empty(B, C, wh, ww, dtype=dtype, device="cuda"), layout)
-    compiled(m, p, po.cuda(), wo.cuda(), wh, ww, -math.inf, out=out)
-    assert_same(out, want)

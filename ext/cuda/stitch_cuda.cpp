@@ -60,20 +60,10 @@ at::Tensor stitch_cuda(const at::Tensor& materialized, const at::Tensor& patch,
   return out;
 }
 
-at::Tensor& stitch_out_cuda(const at::Tensor& materialized, const at::Tensor& patch,
-                            const at::Tensor& patch_origin, const at::Tensor& window_origin,
-                            double pad_value, at::Tensor& out) {
-  StitchInputs in = check_stitch_inputs(materialized, patch, patch_origin, window_origin);
-  check_stitch_out(in, out, materialized);
-  run_cuda(in, out, pad_value);
-  return out;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(krypton, CUDA, m) {
   m.impl("stitch", &stitch_cuda);
-  m.impl("stitch_out", &stitch_out_cuda);
 }
 
 }  // namespace krypton
