@@ -43,7 +43,7 @@ def grid_corners(height: int, width: int, patch_size: int, stride: int) -> list[
 
 @torch.no_grad()
 def occlusion_oracle_origins(model, image, patch_size: int, origins, fill_values, target=None,
-                             batch: int = 32) -> OracleResult:
+                             batch: int = 128) -> OracleResult:
     """Probabilities of `target` (default: the clean image's argmax) for explicit (y, x) corners, shape (1, n)."""
     image = _batch(image)
     _, channels, height, width = image.shape
@@ -68,7 +68,7 @@ def occlusion_oracle_origins(model, image, patch_size: int, origins, fill_values
 
 
 def occlusion_oracle(model, image, patch_size: int, stride: int, fill_values, target=None,
-                     batch: int = 32) -> OracleResult:
+                     batch: int = 128) -> OracleResult:
     """The full-grid heatmap: cell (i, j) has the patch's top-left corner at (i * stride, j * stride)."""
     image = _batch(image)
     height, width = image.shape[2], image.shape[3]
