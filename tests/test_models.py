@@ -124,26 +124,26 @@ def _n_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-# ----------------------------------------------------------------- fixtures (built once)
+# ----------------------------------------------------------------- fixtures (conftest's, built once per session)
 
-@pytest.fixture(scope="module")
-def vgg():
-    return km.build_model("vgg16")
-
-
-@pytest.fixture(scope="module")
-def r18():
-    return km.build_model("resnet18")
+@pytest.fixture
+def vgg(product_model):
+    return product_model("vgg16")
 
 
-@pytest.fixture(scope="module")
-def inc():
-    return km.build_model("inception_v3")
+@pytest.fixture
+def r18(product_model):
+    return product_model("resnet18")
 
 
-@pytest.fixture(scope="module")
-def lite():
-    return km.build_model("efficientnet_lite0")
+@pytest.fixture
+def inc(product_model):
+    return product_model("inception_v3")
+
+
+@pytest.fixture
+def lite(product_model):
+    return product_model("efficientnet_lite0")
 
 
 # ----------------------------------------------------------------- layouts
