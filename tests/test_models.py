@@ -126,24 +126,16 @@ def _n_params(model):
 
 # ----------------------------------------------------------------- fixtures (conftest's, built once per session)
 
-@pytest.fixture
-def vgg(product_model):
-    return product_model("vgg16")
+def _model_fixture(fixture_name, arch):
+    def fixture(product_model):
+        return product_model(arch)
+    return pytest.fixture(fixture, name=fixture_name)
 
 
-@pytest.fixture
-def r18(product_model):
-    return product_model("resnet18")
-
-
-@pytest.fixture
-def inc(product_model):
-    return product_model("inception_v3")
-
-
-@pytest.fixture
-def lite(product_model):
-    return product_model("efficientnet_lite0")
+vgg = _model_fixture("vgg", "vgg16")
+r18 = _model_fixture("r18", "resnet18")
+inc = _model_fixture("inc", "inception_v3")
+lite = _model_fixture("lite", "efficientnet_lite0")
 
 
 # ----------------------------------------------------------------- layouts
