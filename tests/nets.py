@@ -112,3 +112,8 @@ class UnknownOpNet(nn.Module):
 
 
 NETS = {"strided": StridedNet, "branchy": BranchyNet, "pooling": PoolingNet, "unknown": UnknownOpNet}
+
+
+def rand_image(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+    """A reproducible random image that does not depend on the global RNG (models are shared fixtures)."""
+    return torch.randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(seed))

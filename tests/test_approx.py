@@ -10,25 +10,24 @@ import torch
 
 import krypton
 from krypton import approx, tuning
-from krypton.models import build_model
-from nets import NETS, randomize_batchnorm
+from nets import rand_image
+from oracle import assert_matches_oracle, occlusion_oracle, occlusion_oracle_origins
 
 
-def _net(name="branchy", dtype=torch.float32):
-    torch.manual_seed(0)
-    return randomize_batchnorm(NETS[name]()).to(dtype).eval()
+@pytest.fixture
+def branchy(net):
+    return net("branchy")
 
 
 # ---- tau ---------------------------------------------------------------------------------------------------
-def test_tau_one_is_exact_bit_for_bit():
-    model = _net("strided")
-    image = torch.randn(3, 29, 31, generator=torch.Generator().manual_seed(1))
+def test_tau_one_is_exact_bit_for_bit(net):
+    model = net("strided")
+    image = rand_image(3, 29, 31, seed=1)
     plain = krypton.Explainer(model).explain(image, patch_size=5, stride=3)
     for options in ({"tau": 1.0}, {"mode": "exact"}, {"tau": 1}):
         other = krypton.Explainer(model).explain(image, patch_size=5, stride=3, **options)
         assert torch.equal(plain.heatmap, other.heatmap), options
-    naive = krypton.Explainer(model).explain(image, patch_size=5, stride=3, method="naive")
-    assert (plain.heatmap - naive.heatmap).abs().max().item() <= 1e-4
+    assert_matches_oracle(plain, occlusion_oracle(model, image, 5, 3, 0.0), 1e-4, "tau=1")
 
 
 # (model, input size, patch, stride): small inputs and a coarse grid keep this fast.
@@ -36,13 +35,10 @@ MODELS = [("vgg16", 40, 8, 8), ("resnet18", 48, 8, 8), ("inception_v3", 83, 16, 
 
 
 @pytest.mark.parametrize("name, size, patch, stride", MODELS, ids=[m[0] for m in MODELS])
-def test_tau_below_one_runs_on_every_product_model(name, size, patch, stride):
-    torch.manual_seed(0)
-    model = build_model(name)
-    if name != "efficientnet_lite0":
-        randomize_batchnorm(model)
-    explainer = krypton.Explainer(model.eval())
-    image = torch.randn(3, size, size, generator=torch.Generator().manual_seed(2))
+def test_tau_below_one_on_every_product_model(product_model, name, size, patch, stride):
+    model = product_model(name)
+    explainer = krypton.Explainer(model)
+    image = rand_image(3, size, size, seed=2)
     exact = explainer.explain(image, patch_size=patch, stride=stride)
     approximate = explainer.explain(image, patch_size=patch, stride=stride, tau=0.4)
     assert approximate.heatmap.shape == exact.heatmap.shape and approximate.tau == 0.4
@@ -50,9 +46,37 @@ def test_tau_below_one_runs_on_every_product_model(name, size, patch, stride):
     assert ((approximate.heatmap >= 0) & (approximate.heatmap <= 1)).all()
     assert approximate.theoretical_speedup > exact.theoretical_speedup  # the cap really applied
 
+    # Occluding a constant image with its own value changes nothing, whatever tau drops: every capped
+    # window must still be read from, and written back to, the right place of the clean activations.
+    flat = torch.full((3, size, size), 0.7)
+    same = explainer.explain(flat, patch_size=patch, stride=stride, fill=0.7, tau=0.4)
+    with torch.no_grad():
+        clean = torch.softmax(model(flat[None]).double(), dim=1)[0]
+    assert same.label == int(clean.argmax()) and abs(same.probability - clean.max().item()) <= 1e-4
+    assert (same.heatmap.double() - clean.max().item()).abs().max().item() <= 1e-4
 
-def test_estimate_speedup_rises_as_tau_falls():
-    model = build_model("resnet18")
+    # The cap is round(tau * extent) cells (eq. 22). Every map here is under 100 cells wide, so at
+    # tau = 0.995 it equals the extent and caps nothing: the exact computation, bit for bit.
+    uncapped = explainer.explain(image, patch_size=patch, stride=stride, tau=0.995)
+    assert torch.equal(uncapped.heatmap, exact.heatmap)
+    assert uncapped.theoretical_speedup == exact.theoretical_speedup
+
+    # tau = 0.9 keeps most of each change: against the oracle it is far closer than the map of "no
+    # change" (the clean probability everywhere), which is what dropping the changes would give.
+    ref = occlusion_oracle(model, image, patch, stride, 0.0)
+    assert_matches_oracle(exact, ref, 1e-4, f"{name} exact")
+    variation = (ref.heatmap - ref.probability).abs().mean().item()
+    if variation < 1e-9:
+        assert name == "inception_v3"  # random init saturates its softmax at 1.0 on every position
+        return
+    mild = explainer.explain(image, patch_size=patch, stride=stride, tau=0.9)
+    assert mild.theoretical_speedup > exact.theoretical_speedup
+    error = (mild.heatmap.double() - ref.heatmap).abs().mean().item()
+    assert error <= 0.5 * variation, (error, variation)
+
+
+def test_estimate_speedup_rises_as_tau_falls(product_model):
+    model = product_model("resnet18")
     speedups = [krypton.estimate_speedup(model, (1, 3, 96, 96), 16, 4, tau).speedup
                 for tau in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)]
     assert all(b >= a - 1e-9 for a, b in zip(speedups, speedups[1:])), speedups
@@ -129,8 +153,8 @@ def test_select_refined_takes_the_largest_drops_with_stable_ties():
     assert approx.select_refined(values, 0.95, 1.0).all()
 
 
-def test_drilldown_with_r_one_equals_the_full_map_bit_for_bit():
-    model = _net("branchy")
+def test_drilldown_with_r_one_equals_the_full_map_bit_for_bit(branchy):
+    model = branchy
     image = torch.randn(3, 32, 30, generator=torch.Generator().manual_seed(3))
     explainer = krypton.Explainer(model)
     full = explainer.explain(image, patch_size=4, stride=2)
@@ -142,8 +166,8 @@ def test_drilldown_with_r_one_equals_the_full_map_bit_for_bit():
         assert dd.extra["drilldown"]["positions"]["stage2"] == full.heatmap.numel()
 
 
-def test_drilldown_refines_exactly_the_top_r_cells_and_merges():
-    model = _net("strided")
+def test_drilldown_refines_exactly_the_top_r_cells_and_merges(net):
+    model = net("strided")
     image = torch.randn(3, 40, 36, generator=torch.Generator().manual_seed(4))
     explainer = krypton.Explainer(model)
     events = []
@@ -170,16 +194,16 @@ def test_drilldown_refines_exactly_the_top_r_cells_and_merges():
     merged = dd.heatmap.double().numpy()
     assert np.allclose(merged[mask], exact.heatmap.double().numpy().ravel(), atol=1e-6)
     assert np.allclose(merged[~mask], coarse[~mask], atol=1e-6)
-    full = explainer.explain(image, patch_size=6, stride=2)
-    assert np.allclose(merged[mask], full.heatmap.double().numpy()[mask], atol=1e-5)
+    truth = occlusion_oracle_origins(model, image, 6, refined * 2, 0.0, target=dd.label)
+    assert np.allclose(merged[mask], truth.heatmap.numpy().ravel(), rtol=0, atol=1e-5)
     # The coarse map went out first, on the stage-2 grid.
     assert [s for s, _ in events] == ["coarse"]
     assert events[0][1].heatmap.shape == fine_shape
     assert np.allclose(events[0][1].heatmap.double().numpy(), coarse, atol=1e-6)
 
 
-def test_drilldown_response_is_json_and_reports_what_was_used():
-    model = _net("branchy")
+def test_drilldown_response_is_json_and_reports_what_was_used(branchy):
+    model = branchy
     image = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(5))
     exp = krypton.Explainer(model).explain(image, patch_size=4, stride=2, drilldown={"r": 0.3, "target_speedup": 2.0})
     body = json.loads(json.dumps(exp.to_dict()))
@@ -192,17 +216,17 @@ def test_drilldown_response_is_json_and_reports_what_was_used():
     assert set(body["timings_ms"]) >= {"stage1", "stage2", "total"}
 
 
-def test_drilldown_rejects_explicit_origins():
+def test_drilldown_rejects_explicit_origins(branchy):
     with pytest.raises(ValueError, match="origins"):
-        krypton.Explainer(_net()).explain(torch.randn(3, 16, 16), patch_size=4, stride=2, drilldown=True,
+        krypton.Explainer(branchy).explain(torch.randn(3, 16, 16), patch_size=4, stride=2, drilldown=True,
                                           origins=[[0, 0]])
 
 
 # ---- mode / target_ssim resolution ------------------------------------------------------------------------------
 class _Named(torch.nn.Module):
-    def __init__(self, name):
+    def __init__(self, name, inner):
         super().__init__()
-        self.inner = _net("strided")
+        self.inner = inner
         self.krypton_name = name
         self.eval()
 
@@ -210,20 +234,20 @@ class _Named(torch.nn.Module):
         return self.inner(x)
 
 
-def test_approximate_mode_uses_paper_taus_for_untuned_architectures():
+def test_approximate_mode_uses_paper_taus_for_untuned_architectures(net):
     image = torch.randn(3, 24, 24, generator=torch.Generator().manual_seed(6))
     for name, tau, source in (("vgg16", 0.5, "paper"), ("resnet18", 0.7, "paper"), ("inception_v3", 0.9, "paper"),
                               ("mystery", 0.9, "default")):
-        exp = krypton.Explainer(_Named(name)).explain(image, patch_size=4, stride=2, mode="approximate")
+        exp = krypton.Explainer(_Named(name, net("strided"))).explain(image, patch_size=4, stride=2, mode="approximate")
         report = exp.extra["approximation"]
         assert (exp.tau, report["tau_source"], report["mode"]) == (tau, source, "approximate"), name
         assert exp.extra["drilldown"]["r"] == 0.25 and exp.extra["drilldown"]["target_speedup"] == 3.0
-    exp = krypton.Explainer(_Named("vgg16")).explain(image, patch_size=4, stride=2, target_ssim=0.95)
+    exp = krypton.Explainer(_Named("vgg16", net("strided"))).explain(image, patch_size=4, stride=2, target_ssim=0.95)
     assert exp.tau == 1.0 and "drilldown" not in exp.extra  # no data above the paper's 0.9: exact
 
 
-def test_mode_conflicts_are_value_errors():
-    explainer = krypton.Explainer(_net())
+def test_mode_conflicts_are_value_errors(branchy):
+    explainer = krypton.Explainer(branchy)
     image = torch.randn(3, 16, 16)
     for options, message in (({"mode": "exact", "tau": 0.5}, "tau=0.5 contradicts mode='exact'"),
                              ({"mode": "exact", "drilldown": True}, "drilldown=True contradicts"),
@@ -235,8 +259,8 @@ def test_mode_conflicts_are_value_errors():
             explainer.explain(image, patch_size=4, stride=2, **options)
 
 
-def test_explicit_tau_wins_in_approximate_mode():
-    exp = krypton.Explainer(_Named("vgg16")).explain(torch.randn(3, 24, 24), patch_size=4, stride=2,
+def test_explicit_tau_wins_in_approximate_mode(net):
+    exp = krypton.Explainer(_Named("vgg16", net("strided"))).explain(torch.randn(3, 24, 24), patch_size=4, stride=2,
                                                      mode="approximate", tau=0.6, drilldown=False)
     assert exp.tau == 0.6 and exp.extra["approximation"]["tau_source"] == "given" and "drilldown" not in exp.extra
 
@@ -301,10 +325,9 @@ def test_shipped_efficientnet_tuning_meets_its_targets():
             assert t.measured(tau) >= target and t.fitted(tau) >= target
 
 
-def test_tuned_tau_meets_the_target_on_the_tuning_images():
+def test_tuned_tau_meets_the_target_on_the_tuning_images(product_model, monkeypatch):
     """Tune EfficientNet-Lite0 (real weights) on two small real photos, then re-measure at the chosen tau."""
-    torch.manual_seed(0)
-    model = build_model("efficientnet_lite0")
+    model = product_model("efficientnet_lite0")
     pre = krypton.models.PREPROCESS["efficientnet_lite0"]
     images = {name: tuning.preprocess(tuning.load_photo(name), 72, 64, pre["mean"], pre["std"])
               for name in ("chelsea", "coffee")}
@@ -320,7 +343,8 @@ def test_tuned_tau_meets_the_target_on_the_tuning_images():
         approx_map = fresh.explain(image, patch_size=16, stride=8, fill="gray", normalize=normalize, tau=tau).heatmap
         scores.append(krypton.heatmap_ssim(exact, approx_map))
     assert np.mean(scores) >= target, (tau, scores)
-    model.krypton_tuning = result  # a model can carry its tuning; mode="approximate" then uses it
+    # a model can carry its tuning; mode="approximate" then uses it (undone after: the model is shared)
+    monkeypatch.setattr(model, "krypton_tuning", result, raising=False)
     exp = krypton.Explainer(model).explain(images["chelsea"], patch_size=16, stride=8, fill="gray",
                                            normalize=normalize, target_ssim=target)
     assert exp.tau == tau and exp.extra["approximation"]["tau_source"] == "tuned"

@@ -482,8 +482,24 @@ def test_internal_failures_are_500s_without_internals(handler, monkeypatch):
 
 
 def test_handler_emits_metrics(handler):
+    """The metrics of this test's own requests (the handler fixture is shared, so earlier calls are skipped)."""
     h, ctx = handler
-    names = {c[0] for c in ctx.metrics.calls}
+    img = image_bytes(48, 40, seed=21)  # used by no other test: the first explanation is a cache miss
+    seen = len(ctx.metrics.calls)
+    res = run(h, ctx, [({"body": bytearray(img)}, {"explain": "False"}),
+                       ({"body": bytearray(img)}, {"explain": "True", "X-Krypton-Stride": "4"}),
+                       ({"body": bytearray(b"junk")}, {"explain": "True"})])
+    res += run(h, ctx, [({"body": bytearray(img)}, {"explain": "True", "X-Krypton-Stride": "4"})])
+    assert [status for status, _, _ in res] == [200, 200, 400, 200]
+    calls = ctx.metrics.calls[seen:]
+    names = {c[0] for c in calls}
     assert {"KryptonExplainRequests", "KryptonCacheHits", "KryptonCacheMisses", "KryptonExplainLatency",
             "KryptonPositions", "KryptonMeasuredPeakBytes", "KryptonClientErrors",
             "KryptonPredictRequests"} <= names
+
+    def total(name):
+        return sum(c[1] for c in calls if c[0] == name)
+
+    assert (total("KryptonPredictRequests"), total("KryptonExplainRequests"), total("KryptonClientErrors")) == (1, 2, 1)
+    assert (total("KryptonCacheMisses"), total("KryptonCacheHits")) == (1, 1)
+    assert [c[1] for c in calls if c[0] == "KryptonPositions"] == [49, 49]  # 7 x 7 positions each

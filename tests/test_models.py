@@ -124,26 +124,18 @@ def _n_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-# ----------------------------------------------------------------- fixtures (built once)
+# ----------------------------------------------------------------- fixtures (conftest's, built once per session)
 
-@pytest.fixture(scope="module")
-def vgg():
-    return km.build_model("vgg16")
-
-
-@pytest.fixture(scope="module")
-def r18():
-    return km.build_model("resnet18")
+def _model_fixture(fixture_name, arch):
+    def fixture(product_model):
+        return product_model(arch)
+    return pytest.fixture(fixture, name=fixture_name)
 
 
-@pytest.fixture(scope="module")
-def inc():
-    return km.build_model("inception_v3")
-
-
-@pytest.fixture(scope="module")
-def lite():
-    return km.build_model("efficientnet_lite0")
+vgg = _model_fixture("vgg", "vgg16")
+r18 = _model_fixture("r18", "resnet18")
+inc = _model_fixture("inc", "inception_v3")
+lite = _model_fixture("lite", "efficientnet_lite0")
 
 
 # ----------------------------------------------------------------- layouts

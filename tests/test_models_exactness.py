@@ -1,12 +1,12 @@
-"""Incremental == naive on the four product models (random weights; EfficientNet-Lite0 real)."""
+"""Incremental == the oracle (tests/oracle.py) on the four product models (random weights; EfficientNet-Lite0 real)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import krypton
-from krypton.models import build_model
-from nets import randomize_batchnorm
+from nets import rand_image
+from oracle import assert_matches_oracle, occlusion_oracle
 
 # (model, input size, [(patch, stride)]): small inputs keep the suite fast; borders are always included
 # because the grid spans the whole image.
@@ -18,38 +18,34 @@ CASES = [
 ]
 
 
-def _model(name, dtype):
-    torch.manual_seed(0)
-    model = build_model(name)
-    if name != "efficientnet_lite0":
-        randomize_batchnorm(model)
-    return model.to(dtype).eval()
-
-
 @pytest.mark.parametrize("name, size, settings", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-9), (torch.float32, 1e-4)], ids=["f64", "f32"])
-def test_model_incremental_equals_naive(name, size, settings, dtype, tol):
-    model = _model(name, dtype)
+def test_model_incremental_equals_oracle(product_model, name, size, settings, dtype, tol):
+    model = product_model(name, dtype)
     explainer = krypton.Explainer(model)
-    image = torch.randn(3, size, size + 3, dtype=dtype, generator=torch.Generator().manual_seed(5))
+    image = rand_image(3, size, size + 3, dtype=dtype, seed=5)
     for patch, stride in settings:
-        inc = explainer.explain(image, patch_size=patch, stride=stride, fill=0.1)
-        naive = explainer.explain(image, patch_size=patch, stride=stride, fill=0.1, method="naive")
-        err = (inc.heatmap.double() - naive.heatmap.double()).abs().max().item()
-        assert err <= tol, f"{name} patch={patch} stride={stride}: max error {err:g}"
+        exp = explainer.explain(image, patch_size=patch, stride=stride, fill=0.1)
+        ref = occlusion_oracle(model, image, patch, stride, 0.1)
+        assert_matches_oracle(exp, ref, tol, f"{name} patch={patch} stride={stride}")
 
 
-def test_vgg16_at_224_a_handful_of_positions():
-    model = _model("vgg16", torch.float32)
-    explainer = krypton.Explainer(model)
-    image = torch.randn(3, 224, 224, generator=torch.Generator().manual_seed(6))
-    inc = explainer.explain(image, patch_size=16, stride=104)  # 3 x 3 positions, corners and centre
-    naive = explainer.explain(image, patch_size=16, stride=104, method="naive")
-    assert inc.heatmap.shape == (3, 3)
-    assert (inc.heatmap - naive.heatmap).abs().max().item() <= 1e-4
+def test_model_naive_equals_oracle(product_model):
+    model = product_model("efficientnet_lite0")
+    image = rand_image(3, 48, 51, seed=5)
+    exp = krypton.Explainer(model).explain(image, patch_size=16, stride=16, fill=[0.1, -0.2, 0.3], method="naive")
+    assert_matches_oracle(exp, occlusion_oracle(model, image, 16, 16, [0.1, -0.2, 0.3]), 1e-4, "naive")
 
 
-def test_vgg16_theoretical_speedup_matches_the_paper():
-    estimate = krypton.estimate_speedup(build_model("vgg16"), (1, 3, 224, 224), patch_size=16, stride=4)
+def test_vgg16_at_224_a_handful_of_positions(product_model):
+    model = product_model("vgg16")
+    image = rand_image(3, 224, 224, seed=6)
+    exp = krypton.Explainer(model).explain(image, patch_size=16, stride=104)  # 3 x 3 positions, corners and centre
+    assert exp.heatmap.shape == (3, 3)
+    assert_matches_oracle(exp, occlusion_oracle(model, image, 16, 104, 0.0), 1e-4, "vgg16 224")
+
+
+def test_vgg16_theoretical_speedup_matches_the_paper(product_model):
+    estimate = krypton.estimate_speedup(product_model("vgg16"), (1, 3, 224, 224), patch_size=16, stride=4)
     assert estimate.speedup == pytest.approx(6.5, rel=0.10)
     assert len([layer for layer in estimate.layers if layer["kind"] == "conv"]) == 13

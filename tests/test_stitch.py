@@ -85,31 +85,23 @@ SHAPES = [
 ]
 
 
-@needs_compiled
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("pad", [0.0, -math.inf])
-def test_compiled_matches_slow_and_reference(device, dtype, shape, pad):
+def test_compiled_and_reference_match_slow(device, dtype, shape, pad):
+    """Both implementations against the definition; the reference is checked even without the compiled op."""
     if device == "cuda" and not HAS_CUDA_KERNEL:
         pytest.skip("CUDA kernel not built")
     C, H, W, B, ph, pw, wh, ww = shape
     mat, patch, po, wo = make_case(C, H, W, B, ph, pw, wh, ww, dtype, device, seed=hash(shape) % 1000)
     want = slow_stitch(mat, patch, po, wo, wh, ww, pad)
+    assert_same(ops.stitch_reference(mat, patch, po, wo, wh, ww, pad), want)
+    if not COMPILED:
+        pytest.skip(f"compiled op missing ({ops.load_error()}): only the reference was checked")
     got = compiled(mat, patch, po, wo, wh, ww, pad)
-    ref = ops.stitch_reference(mat, patch, po, wo, wh, ww, pad)
     assert got.dtype == dtype and got.device.type == device
     assert_same(got, want)
-    assert_same(ref, want)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_reference_matches_slow(dtype, shape):
-    C, H, W, B, ph, pw, wh, ww = shape
-    mat, patch, po, wo = make_case(C, H, W, B, ph, pw, wh, ww, dtype, seed=7)
-    for pad in (0.0, -math.inf):
-        assert_same(ops.stitch_reference(mat, patch, po, wo, wh, ww, pad), slow_stitch(mat, patch, po, wo, wh, ww, pad))
 
 
 def _fixed_case(window_origins, patch_origins, C=2, H=6, W=7, ph=3, pw=2, wh=4, ww=5):
