@@ -58,7 +58,7 @@ def test_end_to_end_on_a_tiny_model(tmp_path):
     torch.manual_seed(0)
     model = Tiny().eval()
     args = _args(tmp_path, "--full-baselines")
-    result = bench_script.run_benchmark(args, models=[("tiny", model, PRE, False)])
+    bench_script.run_benchmark(args, models=[("tiny", model, PRE, False)])
 
     for ext in ("json", "md", "png"):
         assert (tmp_path / f"smoke.{ext}").stat().st_size > 0

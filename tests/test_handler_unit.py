@@ -14,7 +14,6 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
