@@ -18,6 +18,7 @@ from .errors import ModelError
 from .nodes import OpSpec
 from .rules import DEFAULT_RULES, Rule
 from .rules_aten import ATEN_RULES
+from .rules_pixel import PIXEL_RULES
 
 
 def trace(model: nn.Module, leaf_modules: tuple[type, ...] = ()) -> tuple[fx.GraphModule, str | None]:
@@ -59,7 +60,7 @@ class Capture:
         if model.training:
             raise ModelError("model must be in eval mode (call model.eval()): batch norm and dropout "
                              "in training mode depend on the whole batch")
-        self.rules: tuple[Rule, ...] = tuple(rules) + DEFAULT_RULES + ATEN_RULES
+        self.rules: tuple[Rule, ...] = tuple(rules) + DEFAULT_RULES + ATEN_RULES + PIXEL_RULES
         for rule in self.rules:
             if not isinstance(rule, Rule):
                 raise TypeError(f"rules must be krypton.rules.Rule instances, got {type(rule).__name__}")
