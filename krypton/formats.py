@@ -88,6 +88,7 @@ def exported_graph(src: fx.GraphModule) -> fx.GraphModule:
             raise ModelError("the exported program runs batch norm in training mode: export the model after "
                              "model.eval()")
         env[node] = graph.node_copy(node, lambda n: env[n])
+    _out_of_place(graph)
     _single_outputs(graph)
     _batch_generic_views(graph)
     graph.eliminate_dead_code()
@@ -95,6 +96,20 @@ def exported_graph(src: fx.GraphModule) -> fx.GraphModule:
     gm.training = False  # the program is eval-mode by construction (its batch norms say training=False)
     gm.krypton_exported = True
     return gm
+
+
+def _out_of_place(graph: fx.Graph) -> None:
+    """In-place aten ops (`result += x` exports as aten.add_, nn.ReLU(inplace=True) as aten.relu_) whose
+    mutated input nobody else reads -> the out-of-place op: same values, and the materialized activation
+    of that input is not overwritten (the engine keeps every node's value of the clean image)."""
+    for node in graph.nodes:
+        t = node.target
+        if node.op != "call_function" or not isinstance(t, torch._ops.OpOverload) or not t._schema.is_mutable:
+            continue
+        name = t.overloadpacket.__name__
+        functional = getattr(getattr(aten, name[:-1], None), t._overloadname, None) if name.endswith("_") else None
+        if functional is not None and node.args and isinstance(node.args[0], fx.Node) and len(node.args[0].users) == 1:
+            node.target = functional
 
 
 def _single_outputs(graph: fx.Graph) -> None:

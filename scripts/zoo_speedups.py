@@ -6,7 +6,7 @@ the shapes), where the incremental part stops (fallback_reason) and what that co
 conv multiply-adds that run after that point at full size for every position (global part), and the
 centre bound of the same network without its SE blocks (SE's global pooling is a boundary).
 
-    .venv/bin/python scripts/zoo_speedups.py [--size 224] [--patch 16] [--stride 4] [--models a,b]
+    .venv/bin/python scripts/zoo_speedups.py [--size 224] [--patch 16] [--stride 4] [--models a,b] [--export]
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--patch", type=int, default=16)
     ap.add_argument("--stride", type=int, default=4)
     ap.add_argument("--models", default=",".join(zoo.FULL))
+    ap.add_argument("--export", action="store_true", help="also torch.export each model and print its bound")
     args = ap.parse_args()
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     print(f"| model | input | centre bound | conv GMACs (full) | incremental part stops at | "
@@ -44,6 +45,9 @@ def main() -> None:
         if any(isinstance(m, zoo.SqueezeExcitation) for m in model.modules()):
             bare = without_se(zoo.full(name))
             no_se = f" (without its SE blocks: {krypton.estimate_speedup(bare, shape, args.patch, args.stride).speedup:.2f}x)"
+        if args.export:  # the same architecture as a torch.export program: the aten rules give the same bound
+            program = torch.export.export(model, (torch.zeros(shape),))
+            no_se += f" (exported: {krypton.estimate_speedup(program, shape, args.patch, args.stride).speedup:.2f}x)"
         print(f"| {name} | {args.size} | {est.speedup:.2f}x{no_se} | {est.full_macs / 1e9:.2f} | {reason} | "
               f"{100.0 * glob / max(1, est.full_macs):.0f}% |", flush=True)
 
