@@ -298,11 +298,13 @@ class AvgPoolRule(_PoolRule):
 class AdaptiveAvgPoolRule(AvgPoolRule):
     """nn.AdaptiveAvgPool2d / F.adaptive_avg_pool2d: a plain average pooling when the input divides evenly."""
 
+    adaptive = staticmethod(F.adaptive_avg_pool2d)
+
     def match(self, capture, node):
         found = _module_input(capture, node, nn.AdaptiveAvgPool2d)
         if found is not None:
             return OpSpec(self, [found[1]], extra={"output_size": found[0].output_size})
-        if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
+        if node.op == "call_function" and node.target is self.adaptive:
             a = _bind(_sig_adaptive, node.args, node.kwargs)
             if isinstance(a["input"], fx.Node):
                 return OpSpec(self, [a["input"]], extra={"output_size": a["output_size"]})

@@ -53,12 +53,7 @@ class AtenAvgPoolRule(r.AvgPoolRule):
 
 
 class AtenAdaptiveAvgPoolRule(r.AdaptiveAvgPoolRule):
-    def match(self, capture, node):
-        if node.op == "call_function" and node.target is aten.adaptive_avg_pool2d.default:
-            a = r._bind(r._sig_adaptive, node.args, node.kwargs)
-            if isinstance(a["input"], fx.Node):
-                return OpSpec(self, [a["input"]], extra={"output_size": a["output_size"]})
-        return None
+    adaptive = staticmethod(aten.adaptive_avg_pool2d.default)
 
 
 class AtenBatchNormRule(r.BatchNormRule):

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import rules as r
+from .execute import _get_attr as get_attr
 from .nodes import OpSpec, Step
 from .rules_aten import _ATEN_UNARY
 
@@ -147,11 +148,9 @@ class PixelChainRule(r.Rule):
         return step.spec.apply(state.patches[step.inputs[0]])
 
 
-def _get_attr(gm, node: fx.Node):
-    obj = gm
-    for part in node.target.split("."):
-        obj = getattr(obj, part)
-    return obj if isinstance(obj, torch.Tensor) else None
+def _get_attr(gm, node: fx.Node) -> torch.Tensor | None:
+    value = get_attr(gm, node.target)
+    return value if isinstance(value, torch.Tensor) else None
 
 
 def _linear_macs(sub: fx.GraphModule) -> int:
