@@ -13,14 +13,22 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from . import formats
 from .errors import ModelError
 from .nodes import OpSpec
 from .rules import DEFAULT_RULES, Rule
+from .rules_aten import ATEN_RULES
+from .rules_pixel import PIXEL_RULES
 
 
 def trace(model: nn.Module, leaf_modules: tuple[type, ...] = ()) -> tuple[fx.GraphModule, str | None]:
     """Symbolically trace `model` (modules of `leaf_modules` stay single nodes, for the rules that own
-    them): (graph module, None), or a one-node graph and the reason fx failed."""
+    them): (graph module, None), or a one-node graph and the reason fx failed. A program from
+    torch.export (formats.as_module) already is a graph: it is used as it is, not re-traced."""
+    if getattr(model, "krypton_exported", False):
+        return model, None
+    if formats.is_torchscript(model):
+        return _opaque(model, formats.TORCHSCRIPT_REASON)
 
     class Tracer(fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -31,13 +39,18 @@ def trace(model: nn.Module, leaf_modules: tuple[type, ...] = ()) -> tuple[fx.Gra
         graph = tracer.trace(model)
         return fx.GraphModule(tracer.root, graph, type(model).__name__), None
     except Exception as exc:  # noqa: BLE001 - any tracing failure only means "no incremental part"
-        graph = fx.Graph()
-        x = graph.placeholder("x")
-        graph.output(graph.call_module("model", (x,)))
-        root = nn.Module()
-        root.model = model
-        reason = f"{type(model).__name__} is not traceable by torch.fx ({type(exc).__name__}: {str(exc)[:200]})"
-        return fx.GraphModule(root, graph), reason
+        return _opaque(model, f"{type(model).__name__} is not traceable by torch.fx "
+                              f"({type(exc).__name__}: {str(exc)[:200]})")
+
+
+def _opaque(model: nn.Module, reason: str) -> tuple[fx.GraphModule, str]:
+    """A one-node graph that calls the whole model: it runs naive (full re-inference) and says why."""
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    graph.output(graph.call_module("model", (x,)))
+    root = nn.Module()
+    root.model = model
+    return fx.GraphModule(root, graph), reason
 
 
 class Capture:
@@ -47,12 +60,14 @@ class Capture:
         if model.training:
             raise ModelError("model must be in eval mode (call model.eval()): batch norm and dropout "
                              "in training mode depend on the whole batch")
-        self.rules: tuple[Rule, ...] = tuple(rules) + DEFAULT_RULES
+        self.rules: tuple[Rule, ...] = tuple(rules) + DEFAULT_RULES + ATEN_RULES + PIXEL_RULES
         for rule in self.rules:
             if not isinstance(rule, Rule):
                 raise TypeError(f"rules must be krypton.rules.Rule instances, got {type(rule).__name__}")
         leaves = tuple(t for rule in self.rules for t in rule.leaf_modules)
         self.gm, self.trace_failure = trace(model, leaves)
+        for rule in self.rules:  # graph passes of the rules (e.g. fusing a per-pixel NHWC chain into one node)
+            self.gm = rule.rewrite(self.gm)
         self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self.nodes: list[fx.Node] = list(self.gm.graph.nodes)
         self.placeholders = [n for n in self.nodes if n.op == "placeholder"]

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from . import approx
+from . import formats
 from . import geometry as geo
 from . import ops
 from .capture import Capture
@@ -194,10 +195,13 @@ class Explainer:
     entry, so a grid is never half evicted) and `max_plans` plans of explicit positions (drill-down's
     stage 2). `rules` are extra op-kind rules (krypton.rules.Rule), tried before the built-in ones.
     When the model's weights change in place (training, load_state_dict), every cache is dropped.
+    `model` may also be a torch.export ExportedProgram (incremental over its aten graph) or a TorchScript
+    module (naive, with fallback_reason "TorchScript model: not traceable by torch.fx"); see formats.py.
     """
 
     def __init__(self, model: nn.Module, cache_bytes: int = 512 << 20, max_plans: int = 32,
                  channels_last: bool | None = None, rules=(), max_grids: int = 8):
+        model = formats.as_module(model)
         self._model_ref = lambda m=model: m
         self._rules = tuple(rules)
         self.capture = Capture(model, self._rules)
@@ -208,6 +212,7 @@ class Explainer:
         self._mats = _LRU(int(cache_bytes), weigh=lambda m: m.nbytes)
         self._groups: dict = {}
         self._estimates = _LRU(64)
+        self._opaque_bytes: dict = {}  # input shape -> measured per-position bytes of an opaque model
         self._fingerprint = _fingerprint(model)
         self.plan_builds = 0  # plans built so far (cache misses), for tests and logs
         # channels_last windows and projections (measured on the 2-core CPU, one process, stride 16):
@@ -391,13 +396,16 @@ class Explainer:
             groups = self.grid_plans(shape, p, s, tau) if opts.origins is None else \
                 [(np.arange(len(opts.origins)), self.plan(shape, p, s, tau, opts.origins))]
             per_position = max(plan.peak_bytes_per_position for _, plan in groups)
+            if self.capture.trace_failure is not None:  # one opaque node: the plan knows no inner shapes
+                per_position = self._naive_bytes(groups[0][1])
             fallback = groups[0][1].fallback if self.capture.trace_failure is None else self.capture.trace_failure
             incremental = self.capture.trace_failure is None
         else:
             origins = geo.grid_origins(h, w, p, s) if opts.origins is None else opts.origins
             groups = [(np.arange(len(origins)), self.plan(shape, p, s, tau, origins))]
             per_position = self._naive_bytes(groups[0][1])
-            fallback, incremental = "method=naive: full re-inference of every occluded image", False
+            fallback = self.capture.trace_failure or "method=naive: full re-inference of every occluded image"
+            incremental = False
         n = sum(len(g) for g, _ in groups)
         batch = min(n, opts.batch_size) if opts.batch_size else choose_batch_size(per_position, n, opts.memory_budget)
         fill_t = torch.tensor(opts.fill, dtype=self.dtype, device=self.device).view(c, 1, 1)
@@ -493,7 +501,13 @@ class Explainer:
         return run
 
     def _naive_bytes(self, plan: Plan) -> int:
-        """Per-position working set of full inference: the two largest consecutive activations."""
+        """Per-position working set of full inference: the two largest consecutive activations, or, for a
+        model that runs as one opaque node (TorchScript, untraceable), its measured per-position peak."""
+        if self.capture.trace_failure is not None:
+            key = plan.input_shape
+            if key not in self._opaque_bytes:
+                self._opaque_bytes[key] = formats.opaque_bytes_per_position(self.model, key, self.dtype, self.device)
+            return self._opaque_bytes[key]
         sizes = [int(math.prod(s[1:])) for s in plan.shapes.values() if s is not None]
         pairs = [a + b for a, b in zip(sizes, sizes[1:])] or sizes
         return max(pairs) * torch.empty((), dtype=self.dtype).element_size()
@@ -509,7 +523,8 @@ def _one_shot(model: nn.Module) -> Explainer:
     if explainer is None:
         explainer = Explainer(model, cache_bytes=0)
         if explainer.capture.trace_failure is None:  # the fallback graph holds the model strongly
-            explainer._model_ref = weakref.ref(model)
+            if explainer.model is model:  # else (an ExportedProgram) it holds the converted graph only
+                explainer._model_ref = weakref.ref(model)
             _ONE_SHOT[model] = explainer
     return explainer
 

@@ -142,7 +142,9 @@ class Walk(Costed):
             self.states[node] = CONST
             return
         spec = self.c.specs.get(node)
-        incremental = all(s == INC for s in states) and self.spatial(node) is not None
+        # the rule's changing inputs are incremental; any other input (weights, a layer scale) is constant
+        incremental = (spec is not None and self.spatial(node) is not None
+                       and all(self.states[i] == INC if i in spec.inputs else self.states[i] == CONST for i in inputs))
         rect = spec.rule.rect(self, node, spec) if spec is not None and incremental else None
         if rect is not None:
             self.states[node], self.rects[node] = INC, rect

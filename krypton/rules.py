@@ -12,7 +12,8 @@ A `Rule` answers four questions about the nodes it owns:
 - `plan(builder, node, spec, rect)`: the `Step` that executes the node for a batch of positions.
 - `run(runner, step, state)`: the batch of output patches.
 
-Optional: `leaf_modules` (module types the tracer must keep as one call_module node instead of tracing
+Optional: `rewrite(gm)` (a graph pass at capture, before matching, e.g. fusing an NHWC per-pixel chain
+into one node), `leaf_modules` (module types the tracer must keep as one call_module node instead of tracing
 into them, e.g. a user's LayerNorm2d), `macs(...)` (conv multiply-adds, for speedups), `full_step(...)`
 (a cheaper way to run the node in the global part, e.g. a conv with its batch norm folded in).
 
@@ -45,7 +46,9 @@ def _pair(v) -> tuple[int, int]:
 
 
 def _bind(signature_of: Callable, args, kwargs) -> dict[str, Any]:
-    return inspect.signature(signature_of).bind(*args, **kwargs).arguments
+    bound = inspect.signature(signature_of).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
 
 
 # Python signatures of the functionals we understand (fx records positional/keyword args as written).
@@ -84,6 +87,10 @@ class Rule:
 
     def run(self, runner, step: Step, state) -> torch.Tensor:
         raise NotImplementedError
+
+    def rewrite(self, gm: fx.GraphModule) -> fx.GraphModule:
+        """A graph pass run once at capture, before any node is matched (default: none)."""
+        return gm
 
     def macs(self, walk, node: fx.Node, spec: OpSpec, out_hw: tuple[int, int]) -> int:
         """Multiply-adds of the node over an output of `out_hw` cells (counted for conv layers only)."""
@@ -162,13 +169,16 @@ class ConvRule(WindowRule):
                 return None
             return self._spec([x], m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
         if node.op == "call_function" and node.target is F.conv2d:
-            a = _bind(_sig_conv2d, node.args, node.kwargs)
-            w = capture.constant(a["weight"])
-            b = capture.constant(a["bias"]) if a["bias"] is not None else None
-            if w is None or (a["bias"] is not None and b is None) or not isinstance(a["input"], fx.Node):
-                return None
-            return self._spec([a["input"]], w, b, a["stride"], a["padding"], a["dilation"], a["groups"])
+            return self.functional_spec(capture, _bind(_sig_conv2d, node.args, node.kwargs))
         return None
+
+    def functional_spec(self, capture, a: dict) -> OpSpec | None:
+        """The spec of a functional conv (arguments bound as in F.conv2d) with constant weights."""
+        w = capture.constant(a["weight"])
+        b = capture.constant(a["bias"]) if a["bias"] is not None else None
+        if w is None or (a["bias"] is not None and b is None) or not isinstance(a["input"], fx.Node):
+            return None
+        return self._spec([a["input"]], w, b, a["stride"], a["padding"], a["dilation"], a["groups"])
 
     def _spec(self, inputs, weight, bias, stride, padding, dilation, groups) -> OpSpec | None:
         if weight.dim() != 4:
@@ -288,11 +298,13 @@ class AvgPoolRule(_PoolRule):
 class AdaptiveAvgPoolRule(AvgPoolRule):
     """nn.AdaptiveAvgPool2d / F.adaptive_avg_pool2d: a plain average pooling when the input divides evenly."""
 
+    adaptive = staticmethod(F.adaptive_avg_pool2d)
+
     def match(self, capture, node):
         found = _module_input(capture, node, nn.AdaptiveAvgPool2d)
         if found is not None:
             return OpSpec(self, [found[1]], extra={"output_size": found[0].output_size})
-        if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
+        if node.op == "call_function" and node.target is self.adaptive:
             a = _bind(_sig_adaptive, node.args, node.kwargs)
             if isinstance(a["input"], fx.Node):
                 return OpSpec(self, [a["input"]], extra={"output_size": a["output_size"]})
@@ -342,6 +354,15 @@ def _arithmetic(node: fx.Node) -> Callable | None:
     return None
 
 
+def _per_channel_constant(capture, value) -> torch.Tensor | None:
+    """A get_attr tensor that broadcasts against (N, C, H, W) without varying over N, H or W, else None."""
+    t = capture.constant(value)
+    if t is None or t.dim() > 4:
+        return None
+    shape = (1,) * (4 - t.dim()) + tuple(t.shape)
+    return t if shape[0] == 1 and shape[2] == 1 and shape[3] == 1 else None
+
+
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
@@ -369,7 +390,7 @@ class ElementwiseRule(Rule):
             return OpSpec(self, [x], apply=m, extra=extra)
         fn = _arithmetic(node)
         if fn is not None:
-            return self._scalar_spec(node, fn)
+            return self.operand_spec(capture, node, fn)
         t, args, kwargs = node.target, node.args, node.kwargs
         if node.op == "call_function":
             if t is F.dropout or t is F.dropout2d:
@@ -384,11 +405,16 @@ class ElementwiseRule(Rule):
             return self._call_spec(node, lambda p, *a, **k: getattr(p, t)(*a, **k))
         return None
 
-    def _scalar_spec(self, node, fn) -> OpSpec | None:
+    def operand_spec(self, capture, node, fn) -> OpSpec | None:
+        """Arithmetic of a changing map with a scalar, or with a constant tensor that is the same at every
+        pixel (one value per channel, e.g. ConvNeXt's layer scale `gamma * x`): element-wise."""
         a, b = node.args
-        if isinstance(a, fx.Node) and isinstance(b, (int, float)):
+        ca, cb = _per_channel_constant(capture, a), _per_channel_constant(capture, b)
+        if isinstance(a, fx.Node) and ca is None and (isinstance(b, (int, float)) or cb is not None):
+            b = b if cb is None else cb
             return OpSpec(self, [a], apply=lambda p: fn(p, b))
-        if isinstance(b, fx.Node) and isinstance(a, (int, float)):
+        if isinstance(b, fx.Node) and cb is None and (isinstance(a, (int, float)) or ca is not None):
+            a = a if ca is None else ca
             return OpSpec(self, [b], apply=lambda p: fn(a, p))
         return None
 
@@ -546,9 +572,10 @@ class CatRule(_BoxedRule):
     """torch.cat along channels of maps with one spatial size."""
 
     kind = "cat"
+    function = staticmethod(torch.cat)
 
     def match(self, capture, node):
-        if node.op != "call_function" or node.target is not torch.cat:
+        if node.op != "call_function" or node.target is not self.function:
             return None
         a = _bind(_sig_cat, node.args, node.kwargs)
         tensors = a["tensors"]
@@ -577,12 +604,18 @@ class PadRule(Rule):
         found = _module_input(capture, node, (nn.ZeroPad2d, nn.ConstantPad2d))
         if found is not None:
             return self._spec(found[1], found[0].padding)
-        if node.op == "call_function" and node.target is F.pad:
-            a = _bind(_sig_pad, node.args, node.kwargs)
+        a = self.functional_args(node)
+        if a is not None:
             pad = tuple(a["pad"])
             if a.get("mode", "constant") != "constant" or len(pad) not in (2, 4):
                 return None
             return self._spec(a["input"], pad + (0, 0) if len(pad) == 2 else pad)
+        return None
+
+    def functional_args(self, node) -> dict | None:
+        """F.pad's arguments (input, pad, mode) when `node` is a functional constant pad."""
+        if node.op == "call_function" and node.target is F.pad:
+            return _bind(_sig_pad, node.args, node.kwargs)
         return None
 
     def _spec(self, x, pad) -> OpSpec | None:
