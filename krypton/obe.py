@@ -16,16 +16,15 @@ from . import approx
 from . import formats
 from . import geometry as geo
 from . import ops
+from .budget import MemoryModel, calibrate, fit_batch
 from .capture import Capture
 from .errors import OptionError
 from .execute import BatchRunner, Materialized, materialize
 from .grouping import choose_groups
-from .options import ExplainOptions, resolve
+from .options import DEFAULT_MEMORY_BUDGET, ExplainOptions, resolve
 from .plan import Plan, Walk, build_plan, propagate_shapes
 from .tuning import tuning_for
 
-MAX_AUTO_BATCH = 256
-ALLOCATOR_OVERHEAD = 3  # measured peak RSS / planned live bytes, worst case seen (EfficientNet-Lite0)
 
 
 @dataclass
@@ -156,15 +155,6 @@ def _as_batch(image: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return image.contiguous()
 
 
-def choose_batch_size(bytes_per_position: int, positions: int, memory_budget: int) -> int:
-    """The largest batch whose working set fits `memory_budget` (at most MAX_AUTO_BATCH).
-
-    The plan's working set counts live tensors only; the peak RSS measured around a run was up to
-    ~3x that (allocator reuse, oneDNN reorders and scratch), so the budget is divided by that factor.
-    """
-    return max(1, min(positions, MAX_AUTO_BATCH, memory_budget // (ALLOCATOR_OVERHEAD * max(1, bytes_per_position))))
-
-
 def _image_key(image: torch.Tensor) -> str:
     data = image.detach().cpu().contiguous()
     digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=16)
@@ -215,6 +205,7 @@ class Explainer:
         self._opaque_bytes: dict = {}  # input shape -> measured per-position bytes of an opaque model
         self._fingerprint = _fingerprint(model)
         self.plan_builds = 0  # plans built so far (cache misses), for tests and logs
+        self.memory_models = {"incremental": MemoryModel(), "naive": MemoryModel()}  # see budget.py
         # channels_last windows and projections (measured on the 2-core CPU, one process, stride 16):
         # Inception3 1.57x, VGG16 1.16x, ResNet18 1.07x faster than NCHW; EfficientNet-Lite0's depthwise
         # convolutions ~1.5x. The projected full tensors inherit the layout, so the global part gains too.
@@ -265,6 +256,14 @@ class Explainer:
         self._check_model()
         self.grid_plans(tuple(input_shape), patch_size, stride, tau)
         self.estimate(tuple(input_shape), patch_size, stride, tau)
+
+    def calibrate_memory(self, input_shape, patch_size: int = 16, stride: int = 4,
+                         memory_budget: int = DEFAULT_MEMORY_BUDGET) -> dict:
+        """Measure this model's memory model (budget.py) with a few probe runs per method and use it from
+        now on to choose batch sizes and to estimate each run's peak. Returns {method: MemoryModel}."""
+        self._check_model()
+        self.memory_models = calibrate(self, tuple(input_shape), patch_size, stride, memory_budget)
+        return dict(self.memory_models)
 
     def clear_cache(self) -> None:
         """Forget the materialized activations kept between calls (plans stay cached)."""
@@ -407,7 +406,13 @@ class Explainer:
             fallback = self.capture.trace_failure or "method=naive: full re-inference of every occluded image"
             incremental = False
         n = sum(len(g) for g, _ in groups)
-        batch = min(n, opts.batch_size) if opts.batch_size else choose_batch_size(per_position, n, opts.memory_budget)
+        memory_model = self.memory_models[opts.method]
+        batch = fit_batch(memory_model, per_position, n, opts.memory_budget, mats.nbytes, opts.batch_size)
+        memory = {"materialized_bytes": mats.nbytes, "peak_working_bytes": per_position * batch,
+                  "estimated_peak_bytes": memory_model.peak(per_position, batch, mats.nbytes),
+                  "budget_bytes": opts.memory_budget, "memory_model": memory_model.source}
+        if opts.batch_size is not None and batch < min(n, opts.batch_size):
+            memory["batch_size_requested"] = opts.batch_size  # clamped to what fits the budget
         fill_t = torch.tensor(opts.fill, dtype=self.dtype, device=self.device).view(c, 1, 1)
         scores = torch.empty(n, dtype=torch.float64)
         full_macs, executed_macs = 0, 0
@@ -431,7 +436,7 @@ class Explainer:
             image_shape=(h, w),
             timings_ms={"materialize": 0.0 if cache == "hit" else (t1 - t0) * 1e3, opts.method: (t2 - t1) * 1e3,
                         "total": (t2 - t0) * 1e3},
-            memory={"materialized_bytes": mats.nbytes, "peak_working_bytes": per_position * batch},
+            memory=memory,
             theoretical_speedup=theoretical,
             executed_speedup=full_macs / executed_macs if executed_macs else 1.0,
             groups=len(groups), cache=cache, tau=float(tau), incremental=incremental, fallback_reason=fallback,
@@ -475,7 +480,7 @@ class Explainer:
                    "select": (t1 - t0) * 1e3 - stage1.timings_ms["total"], "total": (t2 - t0) * 1e3}
         return replace(stage2, heatmap=approx.merge(coarse, mask, stage2.heatmap), stride=dd.s2, timings_ms=timings,
                        cache=stage1.cache, batch_size=max(stage1.batch_size, stage2.batch_size),
-                       memory={k: max(stage1.memory[k], stage2.memory[k]) for k in stage1.memory},
+                       memory=max(stage1.memory, stage2.memory, key=lambda m: m["estimated_peak_bytes"]),
                        executed_speedup=full_macs / executed if executed else 1.0,
                        extra={"drilldown": info, "approximation": report})
 
