@@ -32,7 +32,7 @@ import obe_guard
 import obe_render
 import obe_request
 from krypton.errors import ModelError, OptionError
-from krypton.memory import PeakMemory
+from krypton.memory import PeakMemory, release_free_memory
 from obe_request import RequestError
 
 logger = logging.getLogger(__name__)
@@ -100,13 +100,21 @@ class KryptonHandler(BaseHandler):
         if c is None:
             return
         t0 = time.perf_counter()
+        shape = (1, 3, c, c)
         try:
-            self.explainer.prepare((1, 3, c, c), d.patch_size, d.stride)
+            self.explainer.prepare(shape, d.patch_size, d.stride)
         except Exception:  # a warm-up must not keep the model from loading
             logger.warning("model %s: warm-up plan failed", self.model_name, exc_info=True)
             return
+        t1 = time.perf_counter()
+        if self.settings.calibrate_memory:
+            budget = self.settings.memory_budget or krypton.options.DEFAULT_MEMORY_BUDGET
+            models = self.explainer.calibrate_memory(shape, d.patch_size, d.stride, budget)
+            logger.info("model %s: memory calibrated in %.0f ms: %s", self.model_name,
+                        (time.perf_counter() - t1) * 1e3, models)
+        release_free_memory()  # the warm-up's temporaries: an idle worker holds its weights and plans only
         logger.info("model %s: warm-up plan (P=%d, S=%d) in %.0f ms", self.model_name, d.patch_size,
-                    d.stride, (time.perf_counter() - t0) * 1e3)
+                    d.stride, (t1 - t0) * 1e3)
 
     def _seed_budget(self) -> None:
         """Per-position time estimates for the time budget (obe_guard.WorkBudget)."""

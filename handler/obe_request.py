@@ -143,7 +143,8 @@ class Settings:
     weights: Optional[str] = None            # a label; None: inferred from the manifest
     seed: int = 0                            # used for an explicit random init (no weights file)
     cache_bytes: int = 512 * 2**20           # LRU of materialized activations per worker
-    memory_budget: Optional[int] = None      # engine memory budget (bytes) for choosing batch size
+    memory_budget: Optional[int] = None      # bytes a request's peak may take (None: the engine's 1 GiB)
+    calibrate_memory: bool = True            # measure the model's memory at load (a few probe runs)
     threads: Optional[int] = None            # torch intra-op threads per worker; None: torch default
     allow_mode_conversion: bool = False      # convert gray / RGBA / 16-bit / CMYK to 8-bit RGB
     topk: int = 5
@@ -200,6 +201,10 @@ def settings_from_config(handler_cfg: Optional[Mapping[str, Any]]) -> Settings:
         s.cache_bytes = _cfg_int("cache_bytes", cfg["cache_bytes"], 0)
     if "memory_budget" in cfg:
         s.memory_budget = _cfg_int("memory_budget", cfg["memory_budget"], 1, allow_none=True)
+    if "calibrate_memory" in cfg:
+        if not isinstance(cfg["calibrate_memory"], bool):
+            raise _config_error("calibrate_memory", cfg["calibrate_memory"], "true or false")
+        s.calibrate_memory = cfg["calibrate_memory"]
     if "threads" in cfg:
         s.threads = _cfg_int("threads", cfg["threads"], 1, 1024, allow_none=True)
     if "allow_mode_conversion" in cfg:

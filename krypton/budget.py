@@ -28,8 +28,9 @@ from .memory import PeakMemory
 MAX_AUTO_BATCH = 256
 DEFAULT_FACTOR = 3.0
 SAFETY = 1.15  # the modelled peak times this must fit the budget: repeated runs vary by ~10%
-BATCHES_PER_PROBE = 3
-PROBES = 3  # probe runs per method after the one-position run: each at the batch the last model picks
+BATCHES_PER_PROBE = 2  # the heap grows over a run's first batches: one batch alone understates the peak
+PROBE_CAP = {"incremental": 256, "naive": 8}  # naive peaks grow linearly; its probe images are costly
+SLOPE_MARGIN = 1.1  # the slope is extrapolated past the probe's batch (naive) and varies run to run
 
 
 @dataclass(frozen=True)
@@ -70,38 +71,40 @@ def calibrate(explainer, input_shape, patch_size: int, stride: int, budget: int,
     """Measure `MemoryModel`s of `explainer` for an input shape and budget. Returns {method: MemoryModel}.
 
     Peaks do not grow linearly in the batch (resnet18: the per-position cost between batch 1 and 64 is
-    half of that at 256), so each method is probed where it will run: one position gives `fixed`, then
-    up to PROBES runs at the batch the current model picks under `budget`, refitting the slope each time,
-    until the pick stops moving. Probes use the positions nearest the centre (the largest windows).
+    half of that at 256), so the slope is measured near where the method will run: after one unmeasured
+    run (a warm heap, as in a long-lived worker), a probe of one position gives `fixed` and one of
+    BATCHES_PER_PROBE batches at the batch the uncalibrated model picks under `budget` (at most
+    PROBE_CAP) gives the slope. Probes use the positions nearest the centre (the largest windows;
+    explain() runs its largest windows first too).
     """
     _, c, h, w = input_shape
     origins = geo.grid_origins(h, w, patch_size, stride)
     image = torch.randn(c, h, w, generator=torch.Generator().manual_seed(0)).to(explainer.dtype)
 
-    def probe(method, count):
-        # BATCHES_PER_PROBE batches: the heap grows over the first batches of a run (glibc reuses freed
-        # chunks imperfectly), so one batch alone understates a long run's peak
-        positions = _central(origins, h, w, patch_size, min(len(origins), count * BATCHES_PER_PROBE))
+    def probe(method, batch):
+        positions = _central(origins, h, w, patch_size, min(len(origins), batch * BATCHES_PER_PROBE))
         plan = explainer.plan(tuple(input_shape), patch_size, stride, 1.0, positions)  # built outside the probe
         per_position = plan.peak_bytes_per_position if method == "incremental" else explainer._naive_bytes(plan)
         explainer.clear_cache()
         with PeakMemory(explainer.device) as pm:
             exp = explainer.explain(image, patch_size=patch_size, stride=stride, origins=positions,
-                                    batch_size=count, method=method)
+                                    batch_size=batch, method=method)
         return per_position, exp.memory["materialized_bytes"], pm.peak_bytes or 0
 
     models = {}
     for method in methods:
-        per_position, mats, fixed = probe(method, 1)
-        model, probed = MemoryModel(), {1}
-        for _ in range(PROBES):
-            batch = fit_batch(model, per_position, len(origins), budget, mats, None)
-            if batch in probed:
-                break
-            probed.add(batch)
+        per_position, mats, _ = probe(method, 1)
+        batch = min(PROBE_CAP[method], fit_batch(MemoryModel(), per_position, len(origins), budget, mats, None))
+        if batch > 1:
+            # A fresh heap understates a long-lived worker's peaks (resnet18: 327 MB on the first run, up
+            # to 517 MB on the next ones): one unmeasured run first, then the two measured probes.
+            probe(method, batch)
+            _, _, fixed = probe(method, 1)
             per_position, mats, peak = probe(method, batch)
             slope = (peak - fixed) / ((batch - 1) * per_position)
-            model = MemoryModel(max(1.0, slope), int(fixed), "calibrated")
-        models[method] = model
+            models[method] = MemoryModel(max(1.0, SLOPE_MARGIN * slope), int(fixed), "calibrated")
+        else:  # the budget holds one position at a time: nothing to extrapolate
+            _, _, fixed = probe(method, 1)
+            models[method] = MemoryModel(DEFAULT_FACTOR, int(fixed), "calibrated")
     explainer.clear_cache()
     return models

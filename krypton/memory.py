@@ -48,6 +48,14 @@ def _malloc_trim() -> None:
         _libc = False  # not glibc: skip quietly
 
 
+def release_free_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (e.g. after a warm-up's temporaries)."""
+    import gc
+
+    gc.collect()
+    _malloc_trim()
+
+
 def _status_kb() -> Dict[str, int]:
     out = {}
     try:

