@@ -6,6 +6,9 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+# The repo's bench/ package, imported before any test puts scripts/ (which holds bench.py) on sys.path.
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench.images  # noqa: E402,F401
 # Tiny convolutions run fastest single-threaded, and CI's 2 cores are shared with TorchServe workers.
 torch.set_num_threads(1)
 
