@@ -26,11 +26,10 @@ from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
-sys.path.insert(0, os.path.join(REPO, "handler"))
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 
 import archive_models  # noqa: E402
-import obe_request as rq  # noqa: E402
+from krypton.torchserve import request as rq  # noqa: E402
 from server_utils import (TINY_MODEL, TorchServeProcess, bomb_png, image_bytes, multipart,  # noqa: E402
                           png16_rgb, png_raw, tiny_model_class)
 

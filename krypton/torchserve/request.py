@@ -5,7 +5,7 @@ unit tests exercise all of it without a server. Every client mistake raises ``Re
 (a ``ValueError``) carrying the HTTP status (400 or 413), the parameter at fault and a message
 that names the parameter, the value and the allowed range.
 
-Packed into each .mar next to ``krypton_handler.py`` (TorchServe puts the model dir on sys.path).
+Part of the installed package (``krypton.torchserve``); archives hold only ``krypton_handler.py``.
 """
 
 from __future__ import annotations
