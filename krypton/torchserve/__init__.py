@@ -4,6 +4,6 @@
   the ``handler:`` section of the archive's model-config.yaml (see ``request.Settings``).
 """
 
-from .handler import KryptonHandler
+from .handler import KryptonExplainMixin, KryptonHandler
 
-__all__ = ["KryptonHandler"]
+__all__ = ["KryptonExplainMixin", "KryptonHandler"]
