@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Build TorchServe archives (model_store/NAME.mar) for the default models.
+"""Build TorchServe archives (model_store/NAME.mar) for the default models, or for your own model.
 
     .venv/bin/python scripts/archive_models.py                       # all four, default weights
+    .venv/bin/python scripts/archive_models.py --name mynet --model-file mynet.py \
+        --serialized-file mynet.pt --config model-config.yaml --index-to-name index_to_name.json
     .venv/bin/python scripts/archive_models.py --weights vgg16=~/vgg16-397923af.pth
     .venv/bin/python scripts/archive_models.py --models efficientnet_lite0 --export-path /tmp/store
 
@@ -59,7 +61,7 @@ def _archiver() -> List[str]:
 
 def build_mar(name: str, model_file: str, config: Dict, export_path: str, work_dir: str,
               serialized_file: Optional[str] = None, extra_files: Iterable[str] = (),
-              index_to_name: Optional[Dict[str, str]] = None, version: str = "1.0") -> str:
+              index_to_name: Optional[Dict[str, str]] = None, version: str = "1.0", handler: str = HANDLER) -> str:
     """Archive one model with the Krypton handler; returns the .mar path. Used by the tests too."""
     stage = os.path.join(work_dir, name)
     shutil.rmtree(stage, ignore_errors=True)
@@ -75,8 +77,10 @@ def build_mar(name: str, model_file: str, config: Dict, export_path: str, work_d
             json.dump(index_to_name, f, indent=0)
         extras.append(p)
     os.makedirs(export_path, exist_ok=True)
-    cmd = _archiver() + ["--model-name", name, "--version", version, "--model-file", model_file,
-                         "--handler", HANDLER, "--config-file", cfg_path, "--export-path", export_path, "--force"]
+    cmd = _archiver() + ["--model-name", name, "--version", version,
+                         "--handler", handler, "--config-file", cfg_path, "--export-path", export_path, "--force"]
+    if model_file:
+        cmd += ["--model-file", model_file]
     if extras:
         cmd += ["--extra-files", ",".join(extras)]
     if serialized_file:
@@ -158,16 +162,51 @@ def archive(name: str, export_path: str, work_dir: str, weights: Optional[str] =
     return mar
 
 
+def archive_user(ap, args) -> int:
+    """Any user model: model file and/or serialized file + model-config.yaml (+ class names)."""
+    if not args.config or not (args.model_file or args.serialized_file):
+        ap.error("--name needs --config and --model-file and/or --serialized-file")
+    for flag, path in (("--model-file", args.model_file), ("--serialized-file", args.serialized_file),
+                       ("--config", args.config), ("--index-to-name", args.index_to_name), ("--handler", args.handler)):
+        if path and not os.path.isfile(path):
+            ap.error(f"{flag} {path}: no such file")
+    with open(args.config) as f:
+        cfg = yaml.safe_load(f) or {}
+    sys.path.insert(0, REPO)
+    from krypton.torchserve.request import settings_from_config
+
+    settings_from_config(cfg.get("handler"))  # typos fail here, not in the worker
+    names = None
+    if args.index_to_name:
+        with open(args.index_to_name) as f:
+            names = json.load(f)
+    mar = build_mar(args.name, args.model_file, cfg, args.export_path, args.work_dir,
+                    serialized_file=args.serialized_file, index_to_name=names, handler=args.handler)
+    log(f"{args.name}: {mar} ({os.path.getsize(mar) / 2**20:.1f} MiB)")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=",".join(DEFAULT_MODELS),
                     help=f"comma-separated subset of {','.join(DEFAULT_MODELS)}")
     ap.add_argument("--weights", action="append", default=[], metavar="NAME=PATH",
                     help="a state_dict file for NAME (repeatable), e.g. vgg16=vgg16-397923af.pth")
+    ap.add_argument("--name", help="archive YOUR model as NAME (with --config and --model-file and/or "
+                    "--serialized-file) instead of the built-in ones")
+    ap.add_argument("--model-file", help="your model.py (one nn.Module class, constructible without arguments)")
+    ap.add_argument("--serialized-file", help="its state_dict (.pt/.pth), or a TorchScript .pt / torch.export "
+                    ".pt2 without --model-file")
+    ap.add_argument("--config", help="your model-config.yaml (TorchServe keys + the handler: section)")
+    ap.add_argument("--index-to-name", help="index_to_name.json (class names)")
+    ap.add_argument("--handler", default=HANDLER, help="the handler file (default: handler/krypton_handler.py; "
+                    "your own BaseHandler subclass with KryptonExplainMixin works too)")
     ap.add_argument("--export-path", default=os.path.join(REPO, "model_store"))
     ap.add_argument("--work-dir", default=os.path.join(REPO, "build", "archive"))
     args = ap.parse_args(argv)
 
+    if args.name:
+        return archive_user(ap, args)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     bad = [m for m in models if m not in DEFAULT_MODELS]
     if bad:
