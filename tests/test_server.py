@@ -639,6 +639,12 @@ def _oracle_heatmap(model, x, patch, stride, fill_values, target=None):
     return res.heatmap.numpy(), res
 
 
+def _explain_black(server, model, img):
+    """patch 8, stride 4, fill black: what the oracle comparisons of the user archives use."""
+    return ok_json(server.request("POST", f"/explanations/{model}", img,
+                                  {"X-Krypton-Patch-Size": "8", "X-Krypton-Stride": "4", "X-Krypton-Fill": "black"}))
+
+
 def test_user_model_archived_with_only_the_handler_file(server):
     """A model that is not one of ours, archived with `--handler handler/krypton_handler.py` and no
     extra files: predictions and explanations, equal to an independent occlusion loop."""
@@ -649,8 +655,7 @@ def test_user_model_archived_with_only_the_handler_file(server):
         want = torch.softmax(user_model()(x[None]), 1)[0].topk(5)
     assert [p["label"] for p in r["predictions"]] == want.indices.tolist()
     assert r["weights"] == "state_dict usernet.pt"
-    e = ok_json(server.request("POST", "/explanations/usernet", img,
-                                {"X-Krypton-Patch-Size": "8", "X-Krypton-Stride": "4", "X-Krypton-Fill": "black"}))
+    e = _explain_black(server, "usernet", img)
     ref, res = _oracle_heatmap(user_model(), x, 8, 4, [(0 - 0.5) / 0.25] * 3)
     assert e["incremental"] is True and e["model_format"] == "eager"
     assert e["label"] == res.label and np.abs(np.array(e["heatmap"]) - ref).max() < 1e-4
@@ -701,8 +706,7 @@ def test_user_handler_with_mixin_keeps_its_predictions_and_explains_its_preproce
 
 def test_torchscript_archive_explains_naive_and_says_so(server):
     img = image_bytes(56, 48, seed=62)
-    e = ok_json(server.request("POST", "/explanations/scripted", img,
-                               {"X-Krypton-Patch-Size": "8", "X-Krypton-Stride": "4", "X-Krypton-Fill": "black"}))
+    e = _explain_black(server, "scripted", img)
     assert e["incremental"] is False and "TorchScript" in e["fallback_reason"]
     assert e["model_format"] == "torchscript" and e["method"] == "naive"
     assert e["options"]["method"] == "naive" and e["options"]["method_requested"] == "incremental"
@@ -720,8 +724,7 @@ def test_torch_export_archive_explains_incrementally_and_exactly(server):
     with torch.no_grad():
         want = torch.softmax(user_model()(x[None]), 1)[0].topk(5)
     assert [p["label"] for p in r["predictions"]] == want.indices.tolist()
-    e = ok_json(server.request("POST", "/explanations/exported", img,
-                               {"X-Krypton-Patch-Size": "8", "X-Krypton-Stride": "4", "X-Krypton-Fill": "black"}))
+    e = _explain_black(server, "exported", img)
     assert e["incremental"] is True and e["model_format"] == "torch.export" and e["method"] == "incremental"
     ref, res = _oracle_heatmap(user_model(), x, 8, 4, [(0 - 0.5) / 0.25] * 3)
     assert e["label"] == res.label and np.abs(np.array(e["heatmap"]) - ref).max() < 1e-4
