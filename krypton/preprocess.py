@@ -3,7 +3,7 @@
 torchvision ``Resize(resize)`` (int: the shorter side becomes ``resize``, bilinear, PIL's antialiasing
 when shrinking) + ``CenterCrop(crop)`` + ``ToTensor`` + ``Normalize(mean, std)`` on a PIL image, with
 the same arithmetic as torchvision and without needing it. Used by the TorchServe handler
-(``handler/obe_request.py``), the tuning scripts (``krypton/tuning.py``) and the benchmark
+(``krypton/torchserve/request.py``), the tuning scripts (``krypton/tuning.py``) and the benchmark
 (``bench/images.py``), so all three feed the model the same tensor for the same photo.
 
 Optional bounds (the handler passes its ``limits``) are checked on the arithmetic alone, BEFORE any

@@ -89,8 +89,20 @@ def headers():
     except (OSError, ValueError, KeyError):
         return {}
 pending = list(models)
+def load_failure(m):  # TorchServe retries a worker that failed to load forever: report it at once
+    try:
+        with open(os.path.join(run, "logs", "model_log.log"), errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    hit = [i for i, l in enumerate(lines) if f"Failed to load model {m}, exception" in l]
+    return None if not hit else "\n".join(lines[max(0, hit[-1] - 30):hit[-1] + 1])
 while pending and time.time() < deadline:
     for m in list(pending):
+        err = load_failure(m)
+        if err:
+            print(f"[serve] ERROR: model {m} failed to load; the worker said:\n{err}", file=sys.stderr)
+            sys.exit(2)
         try:
             req = urllib.request.Request(f"http://127.0.0.1:8081/models/{m}", headers=headers())
             with urllib.request.urlopen(req, timeout=5) as r:

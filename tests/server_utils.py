@@ -98,6 +98,23 @@ def derived_config(ports: Dict[str, int], model_store: str, models: Iterable[str
     return text
 
 
+def load_failures(log_dir: str, models: Iterable[str]) -> Dict[str, str]:
+    """{model: the worker's exception} for models whose worker failed to load (TorchServe's model_log.log
+    says "Failed to load model NAME, exception ..." and then retries with back-off, forever)."""
+    path = os.path.join(log_dir, "model_log.log")
+    try:
+        with open(path, errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return {}
+    out = {}
+    for m in models:
+        found = re.findall(rf"Failed to load model {re.escape(m)}, exception (.*)", text)
+        if found:
+            out[m] = found[-1].strip()
+    return out
+
+
 class TorchServeProcess:
     def __init__(self, model_store: str, models: List[str], workdir: str, token_auth: Optional[bool] = None,
                  startup_timeout: float = 240.0, extra_config: Optional[Dict[str, str]] = None):
@@ -152,6 +169,9 @@ class TorchServeProcess:
         while (pending or (self.token_auth and not self.keys)) and time.time() < deadline:
             if not self.keys:
                 self._read_keys()  # present when token authorization is on
+            failed = load_failures(self.log_dir, pending)
+            if failed:  # TorchServe retries such a worker forever: say why at once
+                raise RuntimeError(f"TorchServe: model(s) failed to load: {failed}\n{self.log_tail()}")
             for m in sorted(pending):
                 try:
                     status, _, body = self.request("GET", f"/models/{m}", api="management", timeout=5)

@@ -21,9 +21,9 @@ sys.path.insert(0, os.path.join(REPO, "handler"))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
 from krypton import memory as obe_memory  # noqa: E402
-import obe_render  # noqa: E402
-import obe_request as rq  # noqa: E402
-from obe_request import RequestError  # noqa: E402
+from krypton.torchserve import render as obe_render  # noqa: E402
+from krypton.torchserve import request as rq  # noqa: E402
+from krypton.torchserve.request import RequestError  # noqa: E402
 from server_utils import (TINY_MODEL, bomb_png, image_bytes, png16_rgb, png_raw,  # noqa: E402
                           tiny_model_class)
 
@@ -276,7 +276,7 @@ def test_settings_reject_typos():
         rq.settings_from_config({"defaults": {"method": "quick"}})
 
 
-def test_archive_contains_handler_helpers_and_config(tmp_path):
+def test_archive_contains_the_one_file_handler_and_config(tmp_path):
     sys.path.insert(0, os.path.join(REPO, "scripts"))
     import archive_models
 
@@ -286,8 +286,9 @@ def test_archive_contains_handler_helpers_and_config(tmp_path):
     mar = archive_models.build_mar("tiny", str(model_py), cfg, str(tmp_path / "store"), str(tmp_path / "work"),
                                    index_to_name={str(i): f"class {i}" for i in range(10)})
     names = set(zipfile.ZipFile(mar).namelist())
-    assert {"krypton_handler.py", "obe_request.py", "obe_render.py", "model.py",
-            "model-config.yaml", "index_to_name.json", "MAR-INF/MANIFEST.json"} <= names
+    assert {"krypton_handler.py", "model.py", "model-config.yaml", "index_to_name.json",
+            "MAR-INF/MANIFEST.json"} <= names
+    assert not [n for n in names if n.startswith("obe_")], names  # the helpers come from krypton.torchserve
 
 
 # ------------------------------------------------------------------------------- handler

@@ -16,10 +16,9 @@ from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
-sys.path.insert(0, os.path.join(REPO, "handler"))
 
-import obe_guard  # noqa: E402
-import obe_request as rq  # noqa: E402
+from krypton.torchserve import guard as obe_guard  # noqa: E402
+from krypton.torchserve import request as rq  # noqa: E402
 from krypton import preprocess as kp  # noqa: E402
 from server_utils import image_bytes  # noqa: E402
 

@@ -26,11 +26,11 @@ from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
-sys.path.insert(0, os.path.join(REPO, "handler"))
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 
 import archive_models  # noqa: E402
-import obe_request as rq  # noqa: E402
+import oracle  # noqa: E402
+from krypton.torchserve import request as rq  # noqa: E402
 from server_utils import (TINY_MODEL, TorchServeProcess, bomb_png, image_bytes, multipart,  # noqa: E402
                           png16_rgb, png_raw, tiny_model_class)
 
@@ -61,8 +61,9 @@ def server(tmp_path_factory):
     archive_models.build_mar("tiny", str(model_py), TINY_CONFIG, store, str(work / "build"),
                              index_to_name=TINY_CLASSES)
     archive_models.archive("efficientnet_lite0", store, str(work / "build"))
+    user_archives(work, store)
     t1 = time.time()
-    with TorchServeProcess(store, ["tiny", "efficientnet_lite0"], str(work)) as ts:
+    with TorchServeProcess(store, ["tiny", "efficientnet_lite0", *USER_MODELS], str(work)) as ts:
         print(f"\narchives {t1 - t0:.1f}s, TorchServe ready {time.time() - t1:.1f}s")
         yield ts
 
@@ -520,3 +521,210 @@ def test_drilldown_streams_the_coarse_map_first(server):
     # so compare within float32 tolerance like the other server tests
     assert np.allclose(np.array(single["heatmap"]), np.array(final["heatmap"]), atol=1e-6, rtol=0)
     assert len(single["drilldown"]["refined"]) == len(final["drilldown"]["refined"]) == 13
+
+
+
+# ------------------------------------------------------------------------------------ your own model (issue 9)
+# Archived the way README "Serve your own model" says: torch-model-archiver with only
+# --handler handler/krypton_handler.py (no --extra-files), or a user's own handler with KryptonExplainMixin.
+USER_MODEL = """
+import torch
+import torch.nn as nn
+
+
+class UserNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 12, 5, padding=2), nn.BatchNorm2d(12), nn.ReLU(inplace=True),
+                                  nn.AvgPool2d(2), nn.Conv2d(12, 12, 3, padding=1), nn.ReLU(),
+                                  nn.MaxPool2d(2))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(12, 7)
+
+    def forward(self, x):
+        return self.head(torch.flatten(self.pool(self.body(x)), 1))
+"""
+USER_HANDLER = """
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+from ts.torch_handler.base_handler import BaseHandler
+
+from krypton.torchserve import KryptonExplainMixin
+
+
+class MyHandler(KryptonExplainMixin, BaseHandler):
+    krypton_normalize = ((0.4, 0.45, 0.5), (0.3, 0.25, 0.2))
+
+    def preprocess(self, data):
+        xs = []
+        for row in data:
+            im = Image.open(io.BytesIO(bytes(row.get("data") or row.get("body")))).convert("RGB")
+            a = np.asarray(im.resize((36, 28), Image.BICUBIC), dtype=np.float32) / 255.0
+            x = torch.from_numpy(a).permute(2, 0, 1)
+            mean, std = (torch.tensor(v).view(3, 1, 1) for v in self.krypton_normalize)
+            xs.append((x - mean) / std)
+        return torch.stack(xs)
+
+    def postprocess(self, data):
+        return [{"mine": int(row.argmax()), "logits": [round(float(v), 6) for v in row]} for row in data]
+"""
+USER_CONFIG = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 1, "responseTimeout": 120,
+               "handler": {"preprocess": {"resize": 40, "crop": 32, "mean": [0.5] * 3, "std": [0.25] * 3},
+                           "limits": {"max_request_seconds": 60}, "defaults": {"patch_size": 8, "stride": 4}}}
+MIXIN_CONFIG = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 2, "maxBatchDelay": 50, "responseTimeout": 120,
+                "handler": {"limits": {"max_request_seconds": 60, "max_positions": 400}}}
+USER_MODELS = ["usernet", "mine", "scripted", "exported"]
+HANDLER_FILE = os.path.join(REPO, "handler", "krypton_handler.py")
+
+
+def _ns(src, name):
+    ns = {}
+    exec(compile(src, f"{name}.py", "exec"), ns)
+    return ns
+
+
+def user_model(name="UserNet", seed=7):
+    torch.manual_seed(seed)
+    m = _ns(USER_MODEL, "user_model")[name]()
+    with torch.no_grad():  # non-trivial batch-norm statistics
+        bn = m.body[1]
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.5, 1.5)
+    return m.eval()
+
+
+def _archiver(work, name, store, config, handler=HANDLER_FILE, model_file=None, serialized=None):
+    """The README's command, word for word: no --extra-files."""
+    import yaml
+
+    cfg = work / f"{name}-config.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    cmd = [os.path.join(os.path.dirname(sys.executable), "torch-model-archiver"), "--model-name", name,
+           "--version", "1.0", "--handler", str(handler), "--config-file", str(cfg), "--export-path", store,
+           "--force"]
+    if model_file:
+        cmd += ["--model-file", str(model_file)]
+    if serialized:
+        cmd += ["--serialized-file", str(serialized)]
+    import subprocess
+
+    subprocess.run(cmd, check=True)
+
+
+def user_archives(work, store):
+    model_py = work / "user_model.py"
+    model_py.write_text(USER_MODEL)
+    weights = work / "usernet.pt"
+    torch.save(user_model().state_dict(), weights)
+    _archiver(work, "usernet", store, USER_CONFIG, model_file=model_py, serialized=weights)
+    handler_py = work / "my_handler.py"
+    handler_py.write_text(USER_HANDLER)
+    _archiver(work, "mine", store, MIXIN_CONFIG, handler=handler_py, model_file=model_py, serialized=weights)
+    scripted = work / "usernet_scripted.pt"  # TorchScript: no model file, BaseHandler torch.jit.loads it
+    torch.jit.trace(user_model(), torch.zeros(1, 3, 32, 32)).save(str(scripted))
+    _archiver(work, "scripted", store, USER_CONFIG, serialized=scripted)
+    exported = work / "usernet.pt2"  # torch.export: no model file either
+    torch.export.save(torch.export.export(user_model(), (torch.zeros(1, 3, 32, 32),)), str(exported))
+    _archiver(work, "exported", store, USER_CONFIG, serialized=exported)
+
+
+USER_PRE = rq.Preprocess(resize=40, crop=32, mean=(0.5,) * 3, std=(0.25,) * 3)
+
+
+def _oracle_heatmap(model, x, patch, stride, fill_values, target=None):
+    res = oracle.occlusion_oracle(model, x, patch, stride, fill_values, target=target)
+    return res.heatmap.numpy(), res
+
+
+def _explain_black(server, model, img):
+    """patch 8, stride 4, fill black: what the oracle comparisons of the user archives use."""
+    return ok_json(server.request("POST", f"/explanations/{model}", img,
+                                  {"X-Krypton-Patch-Size": "8", "X-Krypton-Stride": "4", "X-Krypton-Fill": "black"}))
+
+
+def test_user_model_archived_with_only_the_handler_file(server):
+    """A model that is not one of ours, archived with `--handler handler/krypton_handler.py` and no
+    extra files: predictions and explanations, equal to an independent occlusion loop."""
+    img = image_bytes(56, 48, seed=60)
+    r = ok_json(server.request("POST", "/predictions/usernet", img))
+    x, _ = rq.preprocess(rq.decode_image(img, rq.Limits()), USER_PRE)
+    with torch.no_grad():
+        want = torch.softmax(user_model()(x[None]), 1)[0].topk(5)
+    assert [p["label"] for p in r["predictions"]] == want.indices.tolist()
+    assert r["weights"] == "state_dict usernet.pt"
+    e = _explain_black(server, "usernet", img)
+    ref, res = _oracle_heatmap(user_model(), x, 8, 4, [(0 - 0.5) / 0.25] * 3)
+    assert e["incremental"] is True and e["model_format"] == "eager"
+    assert e["label"] == res.label and np.abs(np.array(e["heatmap"]) - ref).max() < 1e-4
+
+
+def _mine_preprocess(img):
+    h = _ns(USER_HANDLER, "my_handler")["MyHandler"]()
+    return h, h.preprocess([{"body": bytearray(img)}])
+
+
+def test_user_handler_with_mixin_keeps_its_predictions_and_explains_its_preprocessing(server):
+    img = image_bytes(64, 50, seed=61)
+    h, x = _mine_preprocess(img)
+    model = user_model()
+    with torch.inference_mode():
+        want = h.postprocess(model(x))
+    status, _, body = server.request("POST", "/predictions/mine", img)
+    assert status == 200 and json.loads(body) == want[0]  # exactly the handler's own answer
+    mean, std = h.krypton_normalize
+    e = ok_json(server.request("POST", "/explanations/mine", img,
+                               {"X-Krypton-Patch-Size": "6", "X-Krypton-Stride": "3", "X-Krypton-Fill": "gray"}))
+    gray = [(0.5 - m) / s for m, s in zip(mean, std)]
+    ref, res = _oracle_heatmap(model, x[0], 6, 3, gray)
+    assert e["input_shape"] == [3, 28, 36] and e["heatmap_shape"] == list(ref.shape) == [8, 11]
+    assert e["label"] == res.label and e["incremental"] is True
+    assert np.abs(np.array(e["heatmap"]) - ref).max() < 1e-4
+    # PNG, errors, limits: the same as KryptonHandler's
+    status, headers, png = server.request("POST", "/explanations/mine", img, {"X-Krypton-Format": "png",
+                                                                                "X-Krypton-Stride": "4"})
+    assert status == 200 and headers["content-type"] == "image/png" and Image.open(io.BytesIO(png)).size == (36, 28)
+    for hdr, param in (({"X-Krypton-Patch-Size": "6", "X-Krypton-Stride": "1"}, "stride"),
+                       ({"X-Krypton-Colour": "red"}, None)):
+        status, _, body = server.request("POST", "/explanations/mine", img, hdr)
+        assert status == 400 and "message" in json.loads(body), body
+        if param:
+            assert json.loads(body)["parameter"] == param
+    status, _, body = server.request("POST", "/explanations/mine", bomb_png())
+    assert status == 413, body  # refused from the header, before MyHandler.preprocess decodes it
+    # a mixed TorchServe batch (batchSize 2): each request gets its own kind of answer
+    with cf.ThreadPoolExecutor(4) as pool:
+        futs = [pool.submit(server.request, "POST", "/predictions/mine" if i % 2 else "/explanations/mine", img,
+                            {"X-Krypton-Stride": "4"}) for i in range(4)]
+        for i, f in enumerate(futs):
+            status, _, body = f.result()
+            assert status == 200, body[:300]
+            assert (json.loads(body) == want[0]) if i % 2 else ("heatmap" in json.loads(body))
+
+
+def test_torchscript_archive_explains_naive_and_says_so(server):
+    img = image_bytes(56, 48, seed=62)
+    e = _explain_black(server, "scripted", img)
+    assert e["incremental"] is False and "TorchScript" in e["fallback_reason"]
+    assert e["model_format"] == "torchscript" and e["method"] == "naive"
+    assert e["options"]["method"] == "naive" and e["options"]["method_requested"] == "incremental"
+    x, _ = rq.preprocess(rq.decode_image(img, rq.Limits()), USER_PRE)
+    ref, res = _oracle_heatmap(user_model(), x, 8, 4, [(0 - 0.5) / 0.25] * 3)
+    assert e["label"] == res.label and np.abs(np.array(e["heatmap"]) - ref).max() < 1e-4
+    with open(os.path.join(server.log_dir, "model_log.log"), errors="replace") as f:
+        assert "not incremental: TorchScript" in f.read()
+
+
+def test_torch_export_archive_explains_incrementally_and_exactly(server):
+    img = image_bytes(56, 48, seed=63)
+    r = ok_json(server.request("POST", "/predictions/exported", img))
+    x, _ = rq.preprocess(rq.decode_image(img, rq.Limits()), USER_PRE)
+    with torch.no_grad():
+        want = torch.softmax(user_model()(x[None]), 1)[0].topk(5)
+    assert [p["label"] for p in r["predictions"]] == want.indices.tolist()
+    e = _explain_black(server, "exported", img)
+    assert e["incremental"] is True and e["model_format"] == "torch.export" and e["method"] == "incremental"
+    ref, res = _oracle_heatmap(user_model(), x, 8, 4, [(0 - 0.5) / 0.25] * 3)
+    assert e["label"] == res.label and np.abs(np.array(e["heatmap"]) - ref).max() < 1e-4

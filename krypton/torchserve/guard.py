@@ -13,7 +13,7 @@ time budget of a TorchServe batch.
   for ``limits.max_request_seconds``, and ``WorkBudget`` refuses (503, before any work) an explanation
   whose estimated time exceeds that budget, from per-position times measured on this worker.
 
-Packed into each .mar next to ``krypton_handler.py``.
+Part of the installed package (``krypton.torchserve``); archives hold only ``krypton_handler.py``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from typing import Any, Mapping, Optional
 
-from obe_request import DUPLICATES_KEY, RequestError
+from .request import DUPLICATES_KEY, RequestError
 
 logger = logging.getLogger(__name__)
 

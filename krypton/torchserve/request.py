@@ -5,7 +5,7 @@ unit tests exercise all of it without a server. Every client mistake raises ``Re
 (a ``ValueError``) carrying the HTTP status (400 or 413), the parameter at fault and a message
 that names the parameter, the value and the allowed range.
 
-Packed into each .mar next to ``krypton_handler.py`` (TorchServe puts the model dir on sys.path).
+Part of the installed package (``krypton.torchserve``); archives hold only ``krypton_handler.py``.
 """
 
 from __future__ import annotations
@@ -668,6 +668,13 @@ def _describe_mode(im: Image.Image, sixteen: bool) -> Optional[str]:
 
 def decode_image(data: bytes, limits: Limits, allow_conversion: bool = False) -> Image.Image:
     """Decode to an 8-bit RGB PIL image, checking size limits before any pixel is decoded."""
+    im = open_image(data, limits)
+    return _decode(im, limits, allow_conversion)
+
+
+def open_image(data: bytes, limits: Limits) -> Image.Image:
+    """Open (not decode) an encoded image and check body size, format, pixel count and aspect ratio from
+    its header: what can be refused before any pixel is decoded."""
     if data is None or len(data) == 0:
         raise RequestError("empty body: no image bytes were sent", parameter=IMAGE_FIELD)
     if len(data) > limits.max_body_bytes:
@@ -695,6 +702,10 @@ def decode_image(data: bytes, limits: Limits, allow_conversion: bool = False) ->
         check_bounds(w, h, None, None, max_aspect_ratio=limits.max_aspect_ratio)
     except PreprocessError as e:
         raise RequestError(e.message, status=e.status, parameter=IMAGE_FIELD) from None
+    return im
+
+
+def _decode(im: Image.Image, limits: Limits, allow_conversion: bool) -> Image.Image:
     sixteen = any("16" in m for m in _rawmodes(im)) and im.mode not in ("I;16", "I;16B", "I;16L", "I;16N")
     problem = _describe_mode(im, sixteen)
     if problem is not None and not allow_conversion:
