@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 from krypton.preprocess import PreprocessError, check_bounds, preprocess_pil
-from krypton.preprocess import resized_size  # noqa: F401  (part of this module's API)
+from krypton.preprocess import resized_size  # noqa: F401 (part of this module's API)
 
 # Never decode half an image silently: a truncated file is a client error.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -504,32 +504,30 @@ def _depth_error(limit: int) -> RequestError:
                         "levels of objects/arrays)", parameter="body")
 
 
+def _only_item(body: Dict[str, Any], key: str, protocol: str, what: str, hint: str) -> Dict[str, Any]:
+    """The single object of body[key] (one image per request); any other top-level key is refused."""
+    items = body.pop(key)
+    if body:
+        raise RequestError(f"{protocol} body: unexpected top-level keys {clip_names(sorted(body))}; {hint}",
+                           parameter=cut(sorted(body)[0]))
+    if not isinstance(items, list) or len(items) != 1 or not isinstance(items[0], dict):
+        raise RequestError(f"{protocol} body: '{key}' must be a list of exactly 1 {what} "
+                           "(one image per request)", parameter=key)
+    return items[0]
+
+
 def _from_json(body: Any) -> Tuple[bytes, Dict[str, Any], str]:
     if not isinstance(body, dict):
         raise RequestError(f"JSON body must be an object like {{\"data\": \"<base64 image>\", \"stride\": 8}}, "
                            f"got a {type(body).__name__}")
     body = dict(body)
     if "instances" in body:  # KServe v1: {"instances": [{"data": "<b64>", ...options}]}
-        inst = body.pop("instances")
-        if body:
-            raise RequestError(f"KServe v1 body: unexpected top-level keys {clip_names(sorted(body))}; "
-                               "put options inside the instance", parameter=cut(sorted(body)[0]))
-        if not isinstance(inst, list) or len(inst) != 1 or not isinstance(inst[0], dict):
-            raise RequestError("KServe v1 body: 'instances' must be a list of exactly 1 object "
-                               "(one image per request)", parameter="instances")
-        body = dict(inst[0])
+        body = dict(_only_item(body, "instances", "KServe v1", "object", "put options inside the instance"))
         kind = "kserve-v1"
     elif "inputs" in body:  # KServe v2: {"inputs": [{"name": "data", "datatype": "BYTES", "data": ["<b64>"]}]}
-        inputs = body.pop("inputs")
         params = body.pop("parameters", {}) or {}
         body.pop("id", None)
-        if body:
-            raise RequestError(f"KServe v2 body: unexpected top-level keys {clip_names(sorted(body))}; "
-                               "options go in 'parameters'", parameter=cut(sorted(body)[0]))
-        if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-            raise RequestError("KServe v2 body: 'inputs' must be a list of exactly 1 input tensor "
-                               "(one image per request)", parameter="inputs")
-        tensor = inputs[0]
+        tensor = _only_item(body, "inputs", "KServe v2", "input tensor", "options go in 'parameters'")
         _check_v2_tensor(tensor)
         data = tensor["data"][0]
         if not isinstance(params, dict) or not isinstance(tensor.get("parameters", {}) or {}, dict):
