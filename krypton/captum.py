@@ -163,6 +163,7 @@ class _Base:
             raise _Unsupported(f"inputs ({x.dtype}, {x.device}) differ from the model ({explainer.dtype}, {explainer.device})")
         return is_tuple, x, explainer, args
 
+    @torch.no_grad()
     def _initial(self, explainer: Explainer, x: torch.Tensor, args: tuple, target):
         """Captum's initial evaluation (forward_func on the batch, targets selected), and the engine's
         materialized activations of every example, checked against it row by row."""
@@ -176,6 +177,7 @@ class _Base:
                 raise _Unsupported("the captured forward_func does not reproduce forward_func row by row")
         return _select_targets(raw, target), mats
 
+    @torch.no_grad()
     def _evaluate(self, explainer, x, mats, origins, sizes, content):
         """outputs [F, N, classes]: the forward output of every (perturbation f, example n)."""
         outs, self.last_runs = [], []
