@@ -31,6 +31,17 @@ def video(photo: torch.Tensor, frames: int, side: int) -> torch.Tensor:
     return out
 
 
+def model_and_photo(name: str, threads: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The model (seed 0; efficientnet_lite0 has real weights) and skimage's chelsea photo preprocessed for it."""
+    torch.set_num_threads(threads)
+    from skimage import data
+
+    cfg = PREPROCESS[name]
+    photo = preprocess_array(data.chelsea(), cfg["resize"], cfg["crop"], cfg["mean"], cfg["std"])[0].unsqueeze(0)
+    torch.manual_seed(0)
+    return build_model(name).eval(), photo
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="efficientnet_lite0")
@@ -39,13 +50,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16, help="frames per forward call")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    from skimage import data
-
-    cfg = PREPROCESS[args.model]
-    photo = preprocess_array(data.chelsea(), cfg["resize"], cfg["crop"], cfg["mean"], cfg["std"])[0].unsqueeze(0)
-    torch.manual_seed(0)
-    model = build_model(args.model).eval()
+    model, photo = model_and_photo(args.model, args.threads)
     frames = video(photo, args.frames, args.object)
 
     inc = krypton.IncrementalModel(model)
