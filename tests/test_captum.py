@@ -102,6 +102,21 @@ def test_feature_ablation_segments_equal_captum(net, dtype):
         _close(got, ref, dtype)
 
 
+def test_feature_ablation_slic_superpixels(net):
+    segmentation = pytest.importorskip("skimage.segmentation")
+    model = net("branchy", torch.float64)
+    x = _images(1, torch.float64, seed=4)
+    labels = segmentation.slic(x[0].permute(1, 2, 0).numpy(), n_segments=12, compactness=10, start_label=0,
+                               channel_axis=-1)
+    mask = torch.from_numpy(labels).long().view(1, 1, H, W)
+    fn = _softmax_of(model)
+    ref = ca.FeatureAblation(fn).attribute(x, feature_mask=mask, baselines=0.25, target=3, perturbations_per_eval=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", kc.KryptonFallbackWarning)
+        got = kc.FeatureAblation(fn).attribute(x, feature_mask=mask, baselines=0.25, target=3, perturbations_per_eval=4)
+    _close(got, ref, torch.float64)
+
+
 def test_fallback_paths_return_captums_answer(net):
     model = net("strided", torch.float64)
     x = _images(1, torch.float64, seed=2)
