@@ -127,14 +127,34 @@ class BatchState:
         return self.stop - self.start
 
 
-class BatchRunner:
-    """Runs a plan over slices of its positions against one set of materialized activations."""
+def constant_content(fill: torch.Tensor, channels: int, size: tuple[int, int]):
+    """OBE's content: one value per channel (`fill`, (C, 1, 1)) over the whole rect, for every position.
+    An expanded view per batch: nothing is materialized per position."""
+    h, w = size
 
-    def __init__(self, capture, plan, mats: Materialized, fill: torch.Tensor, channels_last: bool = False):
+    def content(start: int, stop: int) -> torch.Tensor:
+        return fill.expand(stop - start, channels, h, w)
+
+    return content
+
+
+def tensor_content(values: torch.Tensor):
+    """Per-position content given as one [N, C, h, w] tensor (sliced per batch)."""
+    return lambda start, stop: values[start:stop]
+
+
+class BatchRunner:
+    """Runs a plan over slices of its positions against one set of materialized activations.
+
+    `content(start, stop)` gives what the input rect holds for positions [start, stop) of the plan,
+    [stop - start, C, h, w] with (h, w) the plan's rect size (see constant_content, tensor_content).
+    """
+
+    def __init__(self, capture, plan, mats: Materialized, content, channels_last: bool = False):
         self.capture, self.plan, self.mats = capture, plan, mats
         self.channels_last = channels_last
-        self.fill = fill  # (C, 1, 1) values written over the patch
-        device = fill.device
+        self.content = content
+        device = mats.output.device
         self.origins = {n: t.to(device) for n, t in plan.origin_tensors.items()}
         self.read_origins = {s.node: s.read_origin.to(device) for s in plan.steps if s.read_origin is not None}
         self.zeros = torch.zeros(plan.positions, 2, dtype=torch.int64, device=device)
@@ -166,13 +186,17 @@ class BatchRunner:
 
 # ---- the steps that are not a rule's: the occluding patch, projections, the global part ---------------
 class _Input:
-    """The occluding patch itself: the fill values over a patch_size square, for every position."""
+    """The input's changed rect itself: the runner's content for this batch of positions (the OBE fill,
+    a segment's baseline-under-mask, an edited image's pixels)."""
 
     kind = "input"
 
     def run(self, runner, step, state):
-        c, p = runner.plan.input_shape[1], runner.plan.patch_size
-        return runner.fill.expand(state.size, c, p, p).contiguous(memory_format=runner.format)
+        values = runner.content(state.start, state.stop)
+        expected = (state.size, runner.plan.input_shape[1], *runner.plan.rect_size)
+        if tuple(values.shape) != expected:
+            raise ValueError(f"content of shape {tuple(values.shape)} for a plan whose input rects are {expected}")
+        return values.contiguous(memory_format=runner.format)
 
 
 class _Project:

@@ -13,13 +13,14 @@ import torch
 import torch.nn as nn
 
 from . import approx
+from . import changes
 from . import formats
 from . import geometry as geo
 from . import ops
 from .budget import MemoryModel, calibrate, fit_batch
 from .capture import Capture
 from .errors import OptionError
-from .execute import BatchRunner, Materialized, materialize
+from .execute import BatchRunner, Materialized, constant_content, materialize, tensor_content
 from .grouping import choose_groups
 from .options import DEFAULT_MEMORY_BUDGET, ExplainOptions, resolve
 from .plan import Plan, Walk, build_plan, propagate_shapes
@@ -165,6 +166,29 @@ def _image_key(image: torch.Tensor) -> str:
 def _fingerprint(model: nn.Module) -> tuple:
     """Identity and in-place version of every parameter and buffer: changes when the weights change."""
     return tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in (*model.parameters(), *model.buffers()))
+
+
+MIN_SPEEDUP = 1.25  # a change group whose plan saves less than this runs stock full inference
+
+
+@dataclass
+class ChangeRun:
+    """Outputs of Explainer.run_changes and how each rect-size group ran."""
+
+    outputs: torch.Tensor  # [N, classes]
+    unchanged: int = 0  # positions with an empty rect: the clean output
+    groups: list = field(default_factory=list)  # per size group: size, positions, method, speedup, batch
+    full_macs: int = 0
+    executed_macs: int = 0
+    fallback_reason: str | None = None  # the model is not traceable: every group ran stock inference
+
+    @property
+    def stock_positions(self) -> int:
+        return sum(g["positions"] for g in self.groups if g["method"] == "naive")
+
+    @property
+    def executed_speedup(self) -> float:
+        return self.full_macs / self.executed_macs if self.executed_macs else 1.0
 
 
 @dataclass
@@ -314,6 +338,61 @@ class Explainer:
         arg = out.args[0] if out is not None else None
         shape = shapes.get(arg) if isinstance(arg, torch.fx.Node) else None
         return int(shape[-1]) if shape is not None and len(shape) == 2 else None
+
+    # ---- arbitrary changes of the input (Captum windows, segments, edited images) ------------------
+    def plan_changes(self, input_shape, origins, sizes, min_speedup: float = MIN_SPEEDUP) -> list[tuple]:
+        """(size, indices, plan, incremental, theoretical speedup) per rect-size group (see run_changes);
+        plans are cached, so pricing a call first costs nothing more when it then runs."""
+        origins = np.asarray(origins, np.int64).reshape(-1, 2)
+        groups = []
+        for size, indices in changes.group_by_size(sizes):
+            plan = self.plan(tuple(input_shape), size, 1, 1.0, origins[indices])
+            speedup = plan.theoretical_speedup()
+            groups.append((size, indices, plan, self.capture.trace_failure is None and speedup >= min_speedup, speedup))
+        return groups
+
+    def run_changes(self, image: torch.Tensor, origins, sizes, content, batch_size: int | None = None,
+                    memory_budget: int = DEFAULT_MEMORY_BUDGET, min_speedup: float = MIN_SPEEDUP,
+                    mats: Materialized | None = None) -> "ChangeRun":
+        """The model's output for N changed copies of `image`, incrementally where it pays off.
+
+        Copy i differs from `image` (1, C, H, W) only inside the rect at `origins[i]` (y, x) of
+        `sizes[i]` (h, w) (a zero size: no change), which holds `content(indices)` -> [len(indices), C,
+        h, w] (the changed image's pixels there, for positions `indices` that share one rect size).
+        Positions are grouped by rect size, one plan per group (OBE's constant patch is the special
+        case `explain` runs). A group whose plan saves less than `min_speedup` (conv multiply-adds of
+        full / incremental inference), or a model the engine cannot trace, runs stock full inference
+        of the changed images instead. Returns ChangeRun: outputs [N, classes] as model(copies) gives.
+        """
+        self._check_model()
+        image = _as_batch(image, self.dtype).to(self.device)
+        shape = tuple(image.shape)
+        if mats is None:
+            mats, _ = self.materialized(image)
+        origins = np.asarray(origins, np.int64).reshape(-1, 2)
+        sizes = np.asarray(sizes, np.int64).reshape(-1, 2)
+        n = len(origins)
+        outputs = mats.output.expand(n, -1).clone()  # unchanged copies: the clean output
+        run = ChangeRun(outputs, unchanged=n)
+        for size, indices, plan, incremental, speedup in self.plan_changes(shape, origins, sizes, min_speedup):
+            full, inc = plan.macs()
+            method = "incremental" if incremental else "naive"
+            per_position = plan.peak_bytes_per_position if incremental else self._naive_bytes(plan)
+            batch = fit_batch(self.memory_models[method], per_position, len(indices), memory_budget, mats.nbytes,
+                              batch_size)
+            group_content = (lambda idx: lambda start, stop: content(idx[start:stop]))(indices)
+            runner = self._incremental_runner(plan, mats, group_content) if incremental else \
+                self._naive_runner(plan, image, group_content)
+            for start in range(0, len(indices), batch):
+                stop = min(len(indices), start + batch)
+                outputs[torch.from_numpy(indices[start:stop]).to(outputs.device)] = runner(start, stop).to(outputs.dtype)
+            run.unchanged -= len(indices)
+            run.groups.append({"size": list(size), "positions": int(len(indices)), "method": method,
+                               "theoretical_speedup": speedup, "batch_size": batch})
+            run.full_macs += full * len(indices)
+            run.executed_macs += (inc if incremental else full) * len(indices)
+        run.fallback_reason = self.capture.trace_failure
+        return run
 
     # ---- the verb -------------------------------------------------------------------------------
     def explain(self, image: torch.Tensor, patch_size: int = 16, stride: int = 4, fill=0.0, target=None,
@@ -487,23 +566,24 @@ class Explainer:
                        executed_speedup=full_macs / executed if executed else 1.0,
                        extra={"drilldown": info, "approximation": report})
 
-    def _incremental_runner(self, plan, mats, fill_t):
-        return BatchRunner(self.capture, plan, mats, fill_t, self.channels_last).run
+    def _incremental_runner(self, plan, mats, content):
+        """run(start, stop) -> logits of positions [start, stop) of `plan`, incrementally."""
+        return BatchRunner(self.capture, plan, mats, _content(plan, content), self.channels_last).run
 
-    def _naive_runner(self, plan: Plan, image: torch.Tensor, fill_t: torch.Tensor):
-        """Batched full re-inference of every occluded image: the baseline, kept for verification."""
+    def _naive_runner(self, plan: Plan, image: torch.Tensor, content):
+        """Batched full re-inference of every changed image (the clean image with each position's rect
+        holding its content): the baseline kept for verification, and stock execution where an
+        incremental run would gain nothing."""
         origins = torch.from_numpy(plan.origins).to(image.device)
         zeros = torch.zeros_like(origins)
         clean = image[0]
-        p = plan.patch_size
+        content = _content(plan, content)
         model = self.model
 
         @torch.no_grad()
         def run(start, stop):
-            b = stop - start
-            patch = fill_t.expand(b, clean.shape[0], p, p).contiguous()
-            batch = ops.stitch(clean, patch, origins[start:stop], zeros[start:stop], clean.shape[1],
-                               clean.shape[2], 0.0)
+            batch = ops.stitch(clean, content(start, stop).contiguous(), origins[start:stop], zeros[start:stop],
+                               clean.shape[1], clean.shape[2], 0.0)
             return model(batch)
 
         return run
@@ -519,6 +599,15 @@ class Explainer:
         sizes = [int(math.prod(s[1:])) for s in plan.shapes.values() if s is not None]
         pairs = [a + b for a, b in zip(sizes, sizes[1:])] or sizes
         return max(pairs) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def _content(plan: Plan, content):
+    """A plan's content callable from a callable, a (C, 1, 1) fill or a per-position [N, C, h, w] tensor."""
+    if callable(content):
+        return content
+    if content.dim() == 3:
+        return constant_content(content, plan.input_shape[1], plan.rect_size)
+    return tensor_content(content)
 
 
 # One-shot calls reuse one Explainer per model object (its capture and plans, no activations), held

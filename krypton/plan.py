@@ -1,4 +1,9 @@
-"""Static plan of an incremental run, for one (input shape, patch, stride, tau, set of positions).
+"""Static plan of an incremental run, for one (input shape, rect size, stride, tau, set of positions).
+
+The input's changed region is a rect of one shared size (h, w) at every position's origin (OBE: the
+square patch; segments and edited images: a bounding box), holding per-position content that
+execution supplies (execute.py `BatchRunner`'s `content`); positions with other rect sizes get their
+own plans.
 
 Two passes share one walk over the captured graph. `Walk` is geometry only: each node is constant
 (does not depend on the image), incremental (a per-position rect of one shared size, from its rule's
@@ -51,7 +56,7 @@ class Costed:
 @dataclass
 class Plan(Costed):
     input_shape: tuple[int, ...]
-    patch_size: int
+    patch_size: int | tuple[int, int]  # the input rect: a square side (OBE) or (h, w)
     stride: int
     tau: float
     origins: np.ndarray  # [N, 2] top-left corners of the patch
@@ -69,6 +74,18 @@ class Plan(Costed):
     @property
     def positions(self) -> int:
         return len(self.origins)
+
+    @property
+    def rect_size(self) -> tuple[int, int]:
+        """(h, w) of the input's changed rect at every position."""
+        return rect_size(self.patch_size)
+
+
+def rect_size(size) -> tuple[int, int]:
+    """(h, w) of an input rect given as a square side or a pair."""
+    if isinstance(size, (tuple, list, np.ndarray)):
+        return int(size[0]), int(size[1])
+    return int(size), int(size)
 
 
 def propagate_shapes(capture: Capture, input_shape: tuple[int, ...], dtype: torch.dtype) -> dict:
@@ -100,9 +117,12 @@ def _describe(capture: Capture, node: fx.Node) -> str:
 
 
 class Walk(Costed):
-    """Changed regions and multiply-adds of every node for a set of positions; geometry only."""
+    """Changed regions and multiply-adds of every node for a set of positions; geometry only.
 
-    def __init__(self, capture: Capture, input_shape, dtype, patch_size: int, tau: float, origins: np.ndarray):
+    `patch_size` is the input rect of every position: a square side or (h, w); `origins` its per-position
+    top-left corners, inside the image."""
+
+    def __init__(self, capture: Capture, input_shape, dtype, patch_size, tau: float, origins: np.ndarray):
         self.c = capture
         self.input_shape = tuple(input_shape)
         self.patch_size, self.tau = patch_size, tau
@@ -123,8 +143,8 @@ class Walk(Costed):
         for node in self.c.nodes:
             if node.op == "placeholder":
                 h, w = self.input_shape[2], self.input_shape[3]
-                p = self.patch_size
-                rect = Rect(geo.Rect1D(self.origins[:, 0].copy(), p, h), geo.Rect1D(self.origins[:, 1].copy(), p, w))
+                ph, pw = rect_size(self.patch_size)
+                rect = Rect(geo.Rect1D(self.origins[:, 0].copy(), ph, h), geo.Rect1D(self.origins[:, 1].copy(), pw, w))
                 self.states[node], self.rects[node] = INC, rect
                 self.input(node, rect)
             elif node.op == "get_attr":
@@ -316,9 +336,10 @@ def fold_batchnorm(weight, bias, bn) -> tuple[torch.Tensor, torch.Tensor]:
         return w.contiguous(), shift.to(weight.dtype)
 
 
-def build_plan(capture: Capture, input_shape, dtype, patch_size: int, stride: int, tau: float = 1.0,
+def build_plan(capture: Capture, input_shape, dtype, patch_size, stride: int, tau: float = 1.0,
                origins: np.ndarray | None = None) -> Plan:
-    """Plan the incremental run of `capture` for an input of `input_shape` (1, C, H, W)."""
+    """Plan the incremental run of `capture` for an input of `input_shape` (1, C, H, W); `patch_size` is
+    the input rect (a square side or (h, w)), `origins` its corners (default: the OBE grid)."""
     if origins is None:
         origins = geo.grid_origins(input_shape[2], input_shape[3], patch_size, stride)
     return Builder(capture, input_shape, dtype, patch_size, stride, tau, np.asarray(origins, np.int64)).build()
