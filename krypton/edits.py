@@ -9,7 +9,6 @@ gain anything run stock full inference.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn as nn
 

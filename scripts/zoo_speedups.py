@@ -31,8 +31,8 @@ def main() -> None:
     ap.add_argument("--export", action="store_true", help="also torch.export each model and print its bound")
     args = ap.parse_args()
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    print(f"| model | input | centre bound | conv GMACs (full) | incremental part stops at | "
-          f"conv MACs after the stop (global) |")
+    print("| model | input | centre bound | conv GMACs (full) | incremental part stops at | "
+          "conv MACs after the stop (global) |")
     print("|---|---|---|---|---|---|")
     for name in args.models.split(","):
         model = zoo.full(name)
