@@ -6,11 +6,11 @@ reorders and scratch, the allocator's slack. Measured here (resnet18, 224 px, P1
 incremental 154 / 168 / 357 MB at batch 8 / 32 / 128 against 37 / 53 / 117 MB planned. So the engine
 models a run's peak as
 
-    peak(batch) = f(planned_bytes_per_position * batch)
+    peak(batch) = fixed + factor * planned_bytes_per_position * batch
 
-with f measured per model and method by `calibrate()` (probe runs at three batch sizes, interpolated
-between them and extrapolated past the largest; the server does it at model load), or, uncalibrated,
-the conservative default f(x) = 2 x materialized bytes + 3 x (the worst ratio measured).
+with `fixed` and `factor` measured per model and method by `calibrate()` (a probe run of one position
+gives `fixed`, a larger one the slope; the server does it at model load), or, uncalibrated, the conservative
+default fixed = 2 x materialized bytes and factor = 3 (the worst ratio measured on the default models).
 `fit_batch` picks the largest batch whose modelled peak, plus a safety margin, stays within the
 budget; an explicit batch size above it is clamped, and the response says so.
 """
@@ -29,49 +29,34 @@ MAX_AUTO_BATCH = 256
 DEFAULT_FACTOR = 3.0
 SAFETY = 1.15  # the modelled peak times this must fit the budget: repeated runs vary by ~10%
 BATCHES_PER_PROBE = 2  # the heap grows over a run's first batches: one batch alone understates the peak
-PROBE_CAP = {"incremental": 256, "naive": 8}
-SMALL_PROBE = 16  # small batches peak higher per position than a line from 1 to the large probe says  # naive peaks grow linearly; its probe images are costly
+PROBE_CAP = {"incremental": 256, "naive": 8}  # naive peaks grow linearly; its probe images are costly
 SLOPE_MARGIN = 1.1  # the slope is extrapolated past the probe's batch (naive) and varies run to run
 
 
 @dataclass(frozen=True)
 class MemoryModel:
-    """A run's peak from its planned bytes (per-position bytes x batch).
+    """peak = fixed + factor * per_position * batch; `fixed` None means 2 x the materialized bytes."""
 
-    Calibrated: measured (planned bytes, peak) points, interpolated between them and extrapolated past
-    the last one with `factor` (peak bytes per planned byte). Uncalibrated (no points): 2 x the
-    materialized bytes + `factor` x planned, conservative on every default model.
-    """
-
-    points: tuple[tuple[int, int], ...] = ()
     factor: float = DEFAULT_FACTOR
+    fixed_bytes: int | None = None
     source: str = "default"  # "default" or "calibrated"
 
     def peak(self, per_position: int, batch: int, materialized_bytes: int) -> int:
-        planned = per_position * batch
-        if not self.points:
-            return int(2 * materialized_bytes + self.factor * planned)
-        xs, ys = zip(*self.points)
-        if planned >= xs[-1]:
-            return int(ys[-1] + self.factor * (planned - xs[-1]))
-        return int(np.interp(planned, xs, ys))
+        fixed = 2 * materialized_bytes if self.fixed_bytes is None else self.fixed_bytes
+        return int(fixed + self.factor * per_position * batch)
 
 
 def fit_batch(model: MemoryModel, per_position: int, positions: int, budget: int, materialized_bytes: int,
               requested: int | None) -> int:
     """The batch size to run: the requested one or the largest automatic one, never over the budget."""
-    def fits(batch):
-        return SAFETY * model.peak(per_position, batch, materialized_bytes) <= budget
-
-    if not fits(1):
+    fixed = model.peak(per_position, 0, materialized_bytes)
+    room = budget / SAFETY - fixed
+    fits = int(room // max(1.0, model.factor * per_position)) if room > 0 else 0
+    if fits < 1:
         raise OptionError("memory_budget", budget, f"at least {int(SAFETY * model.peak(per_position, 1, materialized_bytes))} "
                           "bytes for this model, input and method (one position per batch)", "is too small")
-    cap = min(positions, requested) if requested is not None else min(positions, MAX_AUTO_BATCH)
-    lo, hi = 1, max(1, cap)  # the peak grows with the batch: the largest batch that fits, by bisection
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-    return lo
+    cap = positions if requested is not None else min(positions, MAX_AUTO_BATCH)
+    return max(1, min(cap, fits, requested or fits))
 
 
 def _central(origins: np.ndarray, height: int, width: int, patch_size: int, count: int) -> np.ndarray:
@@ -109,18 +94,17 @@ def calibrate(explainer, input_shape, patch_size: int, stride: int, budget: int,
     models = {}
     for method in methods:
         per_position, mats, _ = probe(method, 1)
-        big = min(PROBE_CAP[method], fit_batch(MemoryModel(), per_position, len(origins), budget, mats, None))
-        # A fresh heap understates a long-lived worker's peaks (resnet18: 327 MB on the first run, up
-        # to 517 MB on the next ones): one unmeasured run first, then the measured probes.
-        probe(method, big)
-        points = {}
-        for batch in sorted({1, min(SMALL_PROBE, big), big}):
-            per_position_b, _, peak = probe(method, batch)
-            points[per_position_b * batch] = peak
-        xs = sorted(points)
-        ys = np.maximum.accumulate([points[x] for x in xs])  # a larger run never peaks lower
-        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) if len(xs) > 1 else DEFAULT_FACTOR
-        models[method] = MemoryModel(tuple((int(x), int(y)) for x, y in zip(xs, ys)),
-                                     float(max(1.0, SLOPE_MARGIN * slope)), "calibrated")
+        batch = min(PROBE_CAP[method], fit_batch(MemoryModel(), per_position, len(origins), budget, mats, None))
+        if batch > 1:
+            # A fresh heap understates a long-lived worker's peaks (resnet18: 327 MB on the first run, up
+            # to 517 MB on the next ones): one unmeasured run first, then the two measured probes.
+            probe(method, batch)
+            _, _, fixed = probe(method, 1)
+            per_position, mats, peak = probe(method, batch)
+            slope = (peak - fixed) / ((batch - 1) * per_position)
+            models[method] = MemoryModel(max(1.0, SLOPE_MARGIN * slope), int(fixed), "calibrated")
+        else:  # the budget holds one position at a time: nothing to extrapolate
+            _, _, fixed = probe(method, 1)
+            models[method] = MemoryModel(DEFAULT_FACTOR, int(fixed), "calibrated")
     explainer.clear_cache()
     return models

@@ -107,11 +107,10 @@ def report(out: dict) -> str:
         lines.append(f"| {r['model']} | {r['case']} | {r['positions']} | {r['batch_requested']} -> {r['batch_used']} | "
                      f"{r['estimated_peak_bytes'] / 2**20:.0f} | {r['measured_peak_bytes'] / 2**20:.0f} | "
                      f"{r['ratio_estimate_to_measured']:.2f} | {'yes' if r['within_budget'] else '**no**'} |")
-    lines += ["", "Calibration at load (seconds; per method the measured (planned MB, peak MB) points and the "
-              "slope past the last one):", ""]
+    lines += ["", "Calibration at load (seconds, per method: factor, fixed bytes):", ""]
     for name, c in out["calibration"].items():
-        parts = [f"{k}: " + ", ".join(f"({x / 2**20:.0f}, {y / 2**20:.0f})" for x, y in v["points"])
-                 + f", slope {v['factor']:.2f}" for k, v in c.items() if isinstance(v, dict)]
+        parts = [f"{k} factor {v['factor']:.2f}, fixed {v['fixed_bytes'] / 2**20:.0f} MB"
+                 for k, v in c.items() if isinstance(v, dict)]
         lines.append(f"- {name}: {c['seconds']:.1f} s; " + "; ".join(parts))
     return "\n".join(lines) + "\n"
 
