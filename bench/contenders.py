@@ -378,3 +378,129 @@ def _prebuild_stage1(case: Case, tau: float, drilldown) -> None:
     _, _, h, w = case.image.shape
     dd = resolve_drilldown(drilldown_options(*drilldown)["drilldown"], h, w, case.patch, case.stride)
     case.explainer.prepare(tuple(case.image.shape), case.patch, dd.s1, tau)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Captum drop-ins (krypton.captum) and edited-frame inference (krypton.IncrementalModel)
+# ---------------------------------------------------------------------------------------------
+def _softmax_forward(model):
+    return lambda x: torch.softmax(model(x), dim=1)
+
+
+def _timed(meter, fn):
+    with meter.measure() as m, torch.no_grad():
+        out = fn()
+    return out, m.seconds, m.peak_bytes
+
+
+def _ours(contender, label, config, seconds, peak, runs, ref=None, ours=None, notes=()) -> Result:
+    """A krypton.captum / IncrementalModel row: the engine's ChangeRuns give the executed speedup."""
+    full = sum(r.full_macs for r in runs)
+    done = sum(r.executed_macs for r in runs)
+    res = Result(contender, label, config, seconds=seconds, peak_bytes=peak,
+                 theoretical_executed=full / done if done else 1.0, notes=list(notes))
+    res.extra = {"groups": [g for r in runs for g in r.groups], "stock_positions": sum(r.stock_positions for r in runs)}
+    if ref is not None and ours is not None:
+        res.max_abs_diff = float((ours.double() - ref.double()).abs().max())
+    return res
+
+
+def run_captum_dropin(case: Case, ppe: int, reference: torch.Tensor | None = None) -> list[Result]:
+    """krypton.captum.Occlusion with exactly the Captum Occlusion call of run_captum_occlusion, in full: a
+    cold call (a new object: capture, plans and materialization inside the timing) and a warm call
+    (the same object again: plans cached). `reference`: Captum's full attribution, for max_abs_diff."""
+    import krypton.captum as kc
+
+    _, c, h, w = case.image.shape
+    kwargs = dict(sliding_window_shapes=(c, case.patch, case.patch), strides=(c, case.stride, case.stride),
+                  baselines=case.fill_image, target=case.label, perturbations_per_eval=ppe)
+    occ = kc.Occlusion(_softmax_forward(case.model))
+    rows = []
+    for when in ("cold", "warm"):
+        attr, secs, peak = _timed(case.meter, lambda: occ.attribute(case.image, **kwargs))
+        res = _ours("krypton-captum-occlusion", f"krypton.captum Occlusion ppe={ppe} ({when})",
+                    {"perturbations_per_eval": ppe, "call": when}, secs, peak, occ.last_runs,
+                    None if reference is None else reference, attr[0].mean(0).cpu(),
+                    notes=["same call as Captum Occlusion; cold = a new object (capture + plans timed), "
+                           "warm = the same object again"] + ([f"delegated to Captum: {occ.last_fallback}"]
+                                                            if occ.last_fallback else []))
+        res.positions_total = res.positions_timed = int(np.prod(captum_windows(h, w, case.patch, case.stride)))
+        res.batch_size = ppe
+        rows.append(res)
+    return rows
+
+
+def slic_mask(image: torch.Tensor, n_segments: int) -> torch.Tensor:
+    """SLIC superpixels of a (1, C, H, W) input (min-max scaled to [0, 1]), as a (1, 1, H, W) feature_mask."""
+    from skimage.segmentation import slic
+
+    v = image[0].detach().double().cpu()
+    v = ((v - v.min()) / (v.max() - v.min() + 1e-12)).permute(1, 2, 0).numpy()
+    lab = slic(v, n_segments=n_segments, compactness=10.0, start_label=0, channel_axis=-1)
+    return torch.as_tensor(lab, dtype=torch.long, device=image.device)[None, None]
+
+
+def run_segments(case: Case, n_segments: int, ppe: int) -> list[Result]:
+    """captum.attr.FeatureAblation vs krypton.captum.FeatureAblation, the same call with SLIC segments
+    (feature_mask), baselines = the fill image, target = label: Captum's in full, ours cold and warm."""
+    from captum.attr import FeatureAblation
+
+    import krypton.captum as kc
+
+    mask = slic_mask(case.image, n_segments)
+    k = int(mask.max()) + 1
+    fn = _softmax_forward(case.model)
+    kwargs = dict(baselines=case.fill_image, target=case.label, feature_mask=mask, perturbations_per_eval=ppe)
+    config = {"n_segments": n_segments, "segments": k, "perturbations_per_eval": ppe}
+    ref, secs, peak = _timed(case.meter, lambda: FeatureAblation(fn).attribute(case.image, **kwargs))
+    rows = [Result("captum-feature-ablation", f"Captum FeatureAblation SLIC {k} segments ppe={ppe}", dict(config),
+                   seconds=secs, peak_bytes=peak, batch_size=ppe, positions_total=k, positions_timed=k,
+                   theoretical_centre=1.0, theoretical_executed=1.0)]
+    fa = kc.FeatureAblation(fn)
+    for when in ("cold", "warm"):
+        attr, secs, peak = _timed(case.meter, lambda: fa.attribute(case.image, **kwargs))
+        res = _ours("krypton-captum-feature-ablation", f"krypton.captum FeatureAblation SLIC {k} segments ppe={ppe} "
+                    f"({when})", dict(config, call=when), secs, peak, fa.last_runs, ref, attr,
+                    notes=[f"delegated to Captum: {fa.last_fallback}"] if fa.last_fallback else [])
+        res.positions_total = res.positions_timed = k
+        res.batch_size = ppe
+        res.extra["vs_captum_seconds"] = rows[0].seconds
+        rows.append(res)
+    return rows
+
+
+def edited_frames(case: Case, frames: int, size: int) -> torch.Tensor:
+    """`frames` copies of the image, each with one random `size` x `size` square replaced by noise
+    (an edited frame: a sticker, a moving object), at a random place."""
+    _, c, h, w = case.image.shape
+    size = max(1, min(size, h // 2, w // 2))  # an edit of part of the frame
+    out = case.image.expand(frames, -1, -1, -1).clone()
+    gen = torch.Generator().manual_seed(int(case.rng.integers(1 << 31)))
+    for i in range(frames):
+        y, x = int(case.rng.integers(0, h - size + 1)), int(case.rng.integers(0, w - size + 1))
+        out[i, :, y:y + size, x:x + size] = torch.randn(c, size, size, generator=gen).to(out)
+    return out
+
+
+def run_edits(case: Case, frames: int, size: int) -> list[Result]:
+    """model(edited frames) stock vs krypton.IncrementalModel (reference = the clean image, materialized
+    outside the timing, as a video/editing loop would hold it)."""
+    batch = edited_frames(case, frames, size)
+    _, _, h, w = case.image.shape
+    size = max(1, min(size, h // 2, w // 2))
+    config = {"frames": frames, "edit_size": size}
+    ref, secs, peak = _timed(case.meter, lambda: case.model(batch))
+    rows = [Result("edits-stock", f"stock model, {frames} edited frames ({size}px edit)", dict(config),
+                   seconds=secs, peak_bytes=peak, batch_size=frames, positions_total=frames, positions_timed=frames,
+                   theoretical_centre=1.0, theoretical_executed=1.0)]
+    inc = krypton.IncrementalModel(case.model)
+    inc.reference(case.image)
+    for when in ("cold", "warm"):
+        out, secs, peak = _timed(case.meter, lambda: inc(batch))
+        res = _ours("krypton-edits", f"krypton IncrementalModel, {frames} edited frames ({size}px edit) ({when})",
+                    dict(config, call=when), secs, peak, [inc.last_run], ref, out,
+                    notes=["cold: the first call plans the edit sizes; warm: the same batch again, plans cached"])
+        res.positions_total = res.positions_timed = frames
+        res.extra["vs_stock_seconds"] = rows[0].seconds
+        rows.append(res)
+    return rows

@@ -184,6 +184,8 @@ def chart(result: dict, path: str) -> None:
         cfg = r["config"]
         if r["contender"] == "krypton-exact":
             return "exact" if r["label"] == "krypton exact" else r["label"].replace("krypton ", "")
+        if r["contender"] != "krypton-approx":  # drop-ins and edited frames: other tasks, tables only
+            return None
         if cfg.get("drilldown"):
             dd = cfg["drilldown"]
             return f"model's tau + drill-down r={dd['r']:g} target {dd['target']:g}"

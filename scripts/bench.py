@@ -54,7 +54,7 @@ PRESETS = {
                   batch_sizes=[16, 32, 64], layouts=["nchw", "channels_last"], sample_batches=1, ppe=[32, 64],
                   taus=[0.5], ig_steps=[25, 50], ig_batch=16),
 }
-SKIPPABLE = ("naive", "captum", "approx", "drilldown", "ig", "memprobe")
+SKIPPABLE = ("naive", "captum", "approx", "drilldown", "ig", "memprobe", "dropin", "segments", "edits")
 
 
 def _ints(s):
@@ -95,6 +95,9 @@ def parse_args(argv=None):
     p.add_argument("--onednn-cache-capacity", type=int,
                    help="set ONEDNN_PRIMITIVE_CACHE_CAPACITY (before torch loads; default: oneDNN's 1024). "
                         "Recorded in the JSON either way")
+    p.add_argument("--n-segments", type=int, default=50, help="segments: SLIC n_segments for FeatureAblation")
+    p.add_argument("--edit-frames", type=int, default=16, help="edits: edited frames per batch")
+    p.add_argument("--edit-size", type=int, default=32, help="edits: side of the edited square, pixels")
     p.add_argument("--skip", type=_names, default=[], help=f"skip contenders: {','.join(SKIPPABLE)}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", help="results name (default: <preset>-<device>-p<patch>s<stride>-<date>)")
@@ -227,16 +230,31 @@ def bench_model(args, name, model, preprocess_cfg, images, meter, pretrained) ->
                         f"channels_last {(by.get('channels_last') or 0) / 2**20:.0f} MB, "
                         f"incremental {inc_mem[b] / 2**20:.0f} MB")
 
+        cap_ppe, cap_attr = args.ppe[-1], None
         if "captum" not in skip:
             sample = args.sample_batches or None
             cap_rows = [add(C.run_captum_occlusion(case, ppe, sample)) for ppe in args.ppe]
             best = min(cap_rows, key=lambda r: r.seconds)
+            cap_ppe = best.batch_size
             if args.full_baselines and best.extrapolated:
                 full = C.run_captum_occlusion(case, best.batch_size, None)
                 full.label += " (full run)"
                 full.notes.append(f"full run of the best sampled configuration ({best.label}, "
                                   f"extrapolated {best.seconds:.2f}s)")
                 add(full)
+                cap_rows.append(full)
+            cap_attr = next((r.attribution for r in cap_rows if r.attribution is not None and r.batch_size == cap_ppe),
+                            None)
+        # the Captum drop-ins (the same calls as Captum's) and edited-frame inference vs stock
+        if "dropin" not in skip:
+            for res in C.run_captum_dropin(case, cap_ppe, cap_attr):
+                add(res)
+        if "segments" not in skip:
+            for res in C.run_segments(case, args.n_segments, cap_ppe):
+                add(res)
+        if "edits" not in skip:
+            for res in C.run_edits(case, args.edit_frames, args.edit_size):
+                add(res)
 
         if "approx" not in skip:
             for tau in taus:
@@ -324,6 +342,12 @@ def run_benchmark(args, models=None) -> dict:
         "every timed explain(), so each run pays for its clean pass (drill-down's stage 2 still reuses "
         "stage 1's, as designed). Drill-down's stage-2 plan depends on the image and is built inside "
         "the timed call.",
+        "Drop-ins: krypton.captum.Occlusion runs the same call as the best Captum Occlusion row; "
+        "FeatureAblation (Captum's and krypton.captum's) the same call with SLIC superpixels (--n-segments) "
+        "as feature_mask and the fill image as baseline; edits: a batch of --edit-frames copies with one random "
+        "--edit-size square of noise, stock model(batch) vs krypton.IncrementalModel (reference materialized "
+        "before timing). Ours run twice: cold (new object: capture and plans timed) and warm; max_abs_diff is "
+        "against the stock/Captum answer of the same call.",
         "SSIM vs exact: krypton.heatmap_ssim (the tau tuner's definition: skimage structural_similarity, "
         "data_range = max - min over both maps, win 7), so the numbers compare with krypton/tuned/.",
     ]
@@ -334,7 +358,8 @@ def run_benchmark(args, models=None) -> dict:
                      "layouts": args.layouts, "sample_batches": args.sample_batches, "ppe": args.ppe,
                      "taus": args.taus, "drilldown": {"r": args.drilldown_r, "target": args.drilldown_target},
                      "ig_steps": args.ig_steps, "ig_batch": args.ig_batch, "inc_batch": args.inc_batch,
-                     "threads": args.threads, "seed": args.seed, "full_baselines": args.full_baselines},
+                     "threads": args.threads, "seed": args.seed, "full_baselines": args.full_baselines,
+                     "n_segments": args.n_segments, "edit_frames": args.edit_frames, "edit_size": args.edit_size},
         "models": infos, "notes": notes, "runs": runs,
         "summary": report.summarize(runs), "memory_same_batch": _aggregate_memory(mem_rows),
         "memory_same_batch_per_image": mem_rows,

@@ -86,6 +86,17 @@ def test_end_to_end_on_a_tiny_model(tmp_path):
     assert any(r["config"]["tau"] == 0.6 and r["ssim"] is not None for r in approx if not r["skipped"])
     assert any(r["contender"] == "captum-ig" and r["seconds"] > 0 for r in saved["runs"])
 
+    # the drop-ins (same call as Captum's) and edited frames vs stock: present, and the same answers
+    for ours, ref in (("krypton-captum-occlusion", None), ("krypton-captum-feature-ablation", "captum-feature-ablation"),
+                      ("krypton-edits", "edits-stock")):
+        rows = [r for r in saved["runs"] if r["contender"] == ours]
+        assert [r["config"]["call"] for r in rows] == ["cold", "warm"], rows
+        assert all(r["seconds"] > 0 and r["max_abs_diff"] is not None and r["max_abs_diff"] < 1e-5 for r in rows), rows
+        if ref is not None:
+            assert [r["seconds"] > 0 for r in saved["runs"] if r["contender"] == ref] == [True]
+    seg = next(r for r in saved["runs"] if r["contender"] == "captum-feature-ablation")
+    assert seg["config"]["n_segments"] == 50 and seg["config"]["segments"] >= 2
+
     summary = saved["summary"]
     assert sum(r["best_naive"] for r in summary) == 1
     best = next(r for r in summary if r["best_naive"])
@@ -96,6 +107,14 @@ def test_end_to_end_on_a_tiny_model(tmp_path):
     assert [m["batch"] for m in mem] == [8, 16] and all(m["incremental"] is not None for m in mem)
     md = (tmp_path / "smoke.md").read_text()
     assert "| krypton exact |" in md and "QUICK PRESET" in md and "RANDOM-INIT" in md
+    assert "krypton.captum Occlusion" in md and "IncrementalModel" in md
+
+
+def test_new_rows_are_skippable(tmp_path):
+    torch.manual_seed(0)
+    args = _args(tmp_path, "--skip", "naive,captum,approx,drilldown,ig,memprobe,dropin,segments,edits")
+    saved = bench_script.run_benchmark(args, models=[("tiny", Tiny().eval(), PRE, False)])
+    assert {r["contender"] for r in saved["runs"]} == {"krypton-exact"}
 
 
 def test_memory_meter_sees_a_known_allocation():

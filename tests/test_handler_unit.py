@@ -503,3 +503,96 @@ def test_handler_emits_metrics(handler):
     assert (total("KryptonPredictRequests"), total("KryptonExplainRequests"), total("KryptonClientErrors")) == (1, 2, 1)
     assert (total("KryptonCacheMisses"), total("KryptonCacheHits")) == (1, 1)
     assert [c[1] for c in calls if c[0] == "KryptonPositions"] == [49, 49]  # 7 x 7 positions each
+
+
+# ------------------------------------------------------------------------------- occlusion=segments
+def test_options_segments():
+    o = rq.parse_options({}, SETTINGS, 10)
+    assert (o.occlusion, o.n_segments) == ("grid", 50)
+    o = rq.parse_options({"occlusion": "Segments", "n_segments": "20", "fill": "black"}, SETTINGS, 10)
+    assert (o.occlusion, o.n_segments, o.fill) == ("segments", 20, "black")
+    small = rq.Settings(limits=rq.Limits(max_positions=100))
+    for raw, param, needle in [
+        ({"occlusion": "voronoi"}, "occlusion", "grid | segments"),
+        ({"occlusion": "segments", "n_segments": 1}, "n_segments", "[2, 500]"),
+        ({"occlusion": "segments", "n_segments": 501}, "n_segments", "[2, 500]"),
+        ({"occlusion": "segments", "n_segments": "many"}, "n_segments", "not an integer"),
+        ({"n_segments": 20}, "n_segments", "occlusion=segments only"),
+        ({"occlusion": "segments", "stride": 4}, "stride", "occlusion=grid only"),
+        ({"occlusion": "segments", "drilldown": "true"}, "drilldown", "occlusion=grid only"),
+    ]:
+        e = err(rq.parse_options, raw, SETTINGS, 10)
+        assert (e.status, e.parameter) == (400, param) and needle in e.message, (raw, e.message)
+    e = err(rq.parse_options, {"occlusion": "segments", "n_segments": 200}, small, 10)
+    assert e.parameter == "n_segments" and "max_positions=100" in e.message
+
+
+def test_segments_rle_round_trip():
+    from krypton.torchserve import segments as seg
+
+    labels = np.array([[0, 0, 1], [1, 2, 2]])
+    assert seg.rle(labels) == [0, 2, 1, 2, 2, 2]
+    assert (seg.from_rle(seg.rle(labels), labels.shape) == labels).all()
+
+
+def test_handler_segments_match_full_reinference(handler):
+    """Each segment's probability is the model's on the image with the fill inside that segment's mask."""
+    from krypton.torchserve import segments as seg
+
+    h, ctx = handler
+    img = image_bytes(48, 40, seed=31)
+    headers = {"explain": "True", "X-Krypton-Occlusion": "segments", "X-Krypton-N-Segments": "12",
+               "X-Krypton-Fill": "black"}
+    [(status, ctype, body)] = run(h, ctx, [({"body": bytearray(img)}, headers)])
+    assert (status, ctype) == (200, "application/json"), body
+    out = json.loads(body)
+    pre = rq.Preprocess(40, 32, (0.5,) * 3, (0.25,) * 3)
+    x, view = rq.preprocess(rq.decode_image(img, SETTINGS.limits), pre)
+    labels = seg.from_rle(out["segments"]["labels_rle"], out["segments"]["shape"])
+    assert (labels == seg.slic_labels(view, 12)).all()
+    k = out["segments"]["count"]
+    assert k == labels.max() + 1 == out["positions"] == len(out["segments"]["probabilities"]) and k >= 2
+    torch.manual_seed(0)
+    model = tiny_model_class()().eval()
+    lab = torch.as_tensor(labels)
+    with torch.no_grad():
+        probs = torch.softmax(model(x[None]).double(), 1)[0]
+        label = int(probs.argmax())
+        copies = torch.stack([torch.where(lab == i, torch.tensor(-2.0), x) for i in range(k)])  # black: (0-.5)/.25
+        ref = torch.softmax(model(copies).double(), 1)[:, label].numpy()
+    assert out["label"] == label and abs(out["probability"] - float(probs[label])) < 1e-6
+    assert np.allclose(out["segments"]["probabilities"], ref, atol=1e-5)
+    assert np.allclose(out["segments"]["drops"], float(probs[label]) - ref, atol=1e-5)
+    assert out["options"]["n_segments"] == 12 and out["occlusion"] == "segments" and out["groups"]
+    # the same through method=naive (stock inference of every copy)
+    [(status, _, body)] = run(h, ctx, [({"body": bytearray(img)}, dict(headers, **{"X-Krypton-Method": "naive"}))])
+    naive = json.loads(body)
+    assert status == 200 and naive["method"] == "naive" and naive["cache"] == "hit"
+    assert np.allclose(naive["segments"]["probabilities"], ref, atol=1e-5)
+
+
+def test_handler_segments_png_and_errors(handler):
+    h, ctx = handler
+    img = bytearray(image_bytes(48, 40, seed=32))
+    seg = {"explain": "True", "X-Krypton-Occlusion": "segments", "X-Krypton-N-Segments": "8"}
+    res = run(h, ctx, [({"body": img}, dict(seg, **{"X-Krypton-Format": "png"})),
+                       ({"body": img}, dict(seg, **{"X-Krypton-N-Segments": "1"})),
+                       ({"body": img}, dict(seg, **{"X-Krypton-N-Segments": "300"})),  # > max_positions=200
+                       ({"body": img}, dict(seg, **{"X-Krypton-Stride": "4"})),
+                       ({"body": img}, {"explain": "True", "X-Krypton-Occlusion": "blobs"})])
+    (s0, c0, b0), *errors = res
+    assert (s0, c0) == (200, "image/png") and Image.open(io.BytesIO(b0)).size == (32, 32)
+    assert ctx.get_response_headers(0)["X-Krypton-Occlusion"] == "segments"
+    for (status, ctype, body), param in zip(errors, ["n_segments", "n_segments", "stride", "occlusion"]):
+        assert (status, ctype, json.loads(body)["parameter"]) == (400, "application/json", param), body
+
+
+def test_segments_overlay_outlines_and_colours():
+    from krypton.torchserve import segments as seg
+
+    view = np.zeros((8, 8, 3), np.uint8)
+    labels = np.zeros((8, 8), np.int32)
+    labels[:, 4:] = 1
+    out = seg.overlay(view, labels, np.array([0.5, 1.0]), 1.0)  # segment 0 a strong drop, 1 none
+    assert (out[:, 3] == 255).all() and (out[:, 4] == 255).all()  # the inner boundaries of both
+    assert out[0, 0, 0] > out[0, 0, 2] and out[0, 7, 2] > out[0, 7, 0]  # red where it drops, blue where not

@@ -172,6 +172,22 @@ def test_explain_png(server):
     assert int(headers["x-krypton-positions"]) == 49 and headers["x-krypton-cache"] in ("hit", "miss")
 
 
+def test_explain_segments_json_png_and_errors(server):
+    """occlusion=segments through the real server: SLIC labels, per-segment drops, the PNG, a 400."""
+    img = image_bytes(64, 50, seed=6)
+    out = ok_json(explain_raw(server, img, occlusion="segments", n_segments=10, fill="black"))
+    segs = out["segments"]
+    assert out["occlusion"] == "segments" and segs["shape"] == [32, 32] and segs["count"] >= 2
+    assert sum(segs["labels_rle"][1::2]) == 32 * 32 and max(segs["labels_rle"][0::2]) == segs["count"] - 1
+    assert len(segs["probabilities"]) == len(segs["drops"]) == segs["count"] == out["positions"]
+    assert np.allclose(np.array(segs["drops"]), out["probability"] - np.array(segs["probabilities"]), atol=1e-9)
+    status, headers, body = explain_raw(server, img, occlusion="segments", n_segments=10, format="png")
+    assert status == 200 and headers["content-type"] == "image/png" and headers["x-krypton-occlusion"] == "segments"
+    assert Image.open(io.BytesIO(body)).size == (32, 32)
+    status, _, body = explain_raw(server, img, occlusion="segments", n_segments=1)
+    assert status == 400 and json.loads(body)["parameter"] == "n_segments"
+
+
 def test_cache_hit_on_repeated_image(server):
     """Each worker has its own cache: of 3 requests for one image on 2 workers, some worker
     sees the image twice, and its second answer must be a hit that skipped materialization."""

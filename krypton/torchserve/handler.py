@@ -36,6 +36,7 @@ from krypton.memory import PeakMemory, release_free_memory
 from . import guard as obe_guard
 from . import render as obe_render
 from . import request as obe_request
+from . import segments as obe_segments
 from .request import RequestError
 
 logger = logging.getLogger(__name__)
@@ -433,6 +434,8 @@ class KryptonExplainMixin:
                 "model-config.yaml or krypton_normalize = (mean, std) on the handler class, or send a numeric "
                 "fill (a value of the normalized input)", parameter="fill")
         self._prepare_shape((1, *x.shape))
+        if opts.occlusion == "segments":  # SLIC superpixels, FeatureAblation semantics (segments.py)
+            return obe_segments.explain(self, idx, x, view, opts, t0, decode_ms)
         positions = self._check_positions(x, opts)
         method = "naive" if self.fallback_reason else opts.method  # what really runs
         self.budget.check(self.context, positions, method)  # refuse what cannot finish in time

@@ -32,7 +32,10 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 HEADER_PREFIX = "x-krypton-"
 IMAGE_FIELD = "data"
 EXPLAIN_OPTIONS = ("patch_size", "stride", "fill", "target", "method", "batch_size", "format", "tau",
-                   "target_ssim", "drilldown", "mode", "stream")
+                   "target_ssim", "drilldown", "mode", "stream", "occlusion", "n_segments")
+OCCLUSIONS = ("grid", "segments")  # grid: OBE's sliding patch; segments: SLIC superpixels (segments.py)
+N_SEGMENTS_RANGE = (2, 500)
+GRID_ONLY = ("patch_size", "stride", "tau", "target_ssim", "drilldown", "mode", "stream")
 APPROX_MODES = ("exact", "approximate")
 DRILLDOWN_KEYS = ("r", "target_speedup", "s1")
 NAMED_FILLS = ("gray", "grey", "black", "mean")
@@ -350,6 +353,8 @@ class Options:
     drilldown: Any = None  # None, False, True (defaults) or {r, target_speedup, s1}
     mode: Optional[str] = None
     stream: bool = False
+    occlusion: str = "grid"
+    n_segments: int = 50
 
 
 def parse_bool(name: str, value: Any) -> bool:
@@ -423,7 +428,22 @@ def parse_options(raw: Mapping[str, Any], settings: Settings, num_classes: Optio
     drilldown = parse_drilldown(raw["drilldown"]) if present("drilldown") else None
     mode = parse_choice("mode", raw["mode"], APPROX_MODES) if present("mode") else None
     stream = parse_bool("stream", raw["stream"]) if present("stream") else False
-    return Options(patch, stride, fill, target, method, batch, fmt, tau, target_ssim, drilldown, mode, stream)
+    occlusion = parse_choice("occlusion", raw["occlusion"], OCCLUSIONS) if present("occlusion") else "grid"
+    n_segments = 50
+    if present("n_segments"):
+        if occlusion != "segments":
+            raise RequestError("option n_segments: applies to occlusion=segments only", parameter="n_segments")
+        n_segments = parse_int("n_segments", raw["n_segments"], *N_SEGMENTS_RANGE)
+    if occlusion == "segments":
+        grid_only = [k for k in GRID_ONLY if present(k)]
+        if grid_only:
+            raise RequestError(f"option {grid_only[0]}: applies to occlusion=grid only (segments occlude SLIC "
+                               "superpixels, exactly)", parameter=grid_only[0])
+        if n_segments > lim.max_positions:
+            raise RequestError(f"option n_segments: {n_segments} segments exceed the limit max_positions="
+                               f"{lim.max_positions}", parameter="n_segments")
+    return Options(patch, stride, fill, target, method, batch, fmt, tau, target_ssim, drilldown, mode, stream,
+                   occlusion, n_segments)
 
 
 # --------------------------------------------------------------------------------------------
