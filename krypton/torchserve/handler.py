@@ -10,7 +10,7 @@ Per request of a TorchServe batch (a batch can mix both kinds):
   /predictions/NAME                                   -> top-k classes (JSON)
   /explanations/NAME, /v1/models/NAME:explain, /v2/models/NAME/explain -> occlusion explanation,
       JSON (heatmap, label, probability, options used, positions, timings, memory, speedup, cache)
-      or format=png (jet_r overlay on the photo).
+      or format=png (jet_r overlay on the whole original photo, with a colour bar and the label).
 Client mistakes answer 400/413 with a JSON body naming the problem; nothing a client sends takes
 the worker down. The engine (``krypton.Explainer``) keeps one LRU of materialized activations per
 worker, keyed by the preprocessed image's hash, bounded by ``cache_bytes``.
@@ -424,7 +424,9 @@ class KryptonExplainMixin:
 
     def _explain_tensor(self, idx, x, view, opts, t0, decode_ms):
         """run -> metrics -> render: one explanation of the preprocessed (C, H, W) tensor ``x``, as JSON or
-        PNG. ``view``: the uint8 photo the model saw (None: made from ``x`` and the normalization)."""
+        PNG. ``view``: the decoded original photo (PIL; KryptonHandler: the heatmap is drawn on all of it,
+        its ``region`` mapped back through handler.preprocess), or None (a user's preprocess: the photo is
+        made from ``x`` and the normalization, and the region is the whole input)."""
         x = x.to(self.device)
         if isinstance(opts.fill, str) and self._normalization() is None:
             raise RequestError(
@@ -442,11 +444,15 @@ class KryptonExplainMixin:
         result = exp.to_dict()
         result["timings_ms"]["decode_preprocess"] = decode_ms
         result["memory"].update(pm.to_dict())
+        pre = self.settings.preprocess
+        result["region"] = (obe_render.crop_region(view.size, pre.resize, pre.crop) if view is not None else
+                            obe_render.crop_region((int(x.shape[-1]), int(x.shape[-2])), None, None))
         self._record(idx, x, exp, result, positions, pm)
         if opts.format == "png":
             if view is None:
-                view = self._view(x)
-            return self._png(idx, view, exp, positions, result["timings_ms"]["total"])
+                view = Image.fromarray(self._view(x), "RGB")
+            return self._png(idx, view, result["region"], exp, positions, result["timings_ms"]["total"],
+                             opts.png_size)
         return self._json(idx, x, exp, result, opts, t0)
 
     def _view(self, x) -> np.ndarray:
@@ -501,16 +507,19 @@ class KryptonExplainMixin:
         if not exp.incremental and self.fallback_reason:
             logger.info("model %s: not incremental: %s", self.model_name, exp.fallback_reason)
 
-    def _png(self, idx, view, exp, positions, total_ms) -> bytes:
+    def _png(self, idx, img, region, exp, positions, total_ms, png_size) -> bytes:
         prob = float(exp.probability)
         heatmap = exp.heatmap.detach().float().cpu().numpy()
-        png = obe_render.overlay_png(view, heatmap, prob, exp.patch_size, exp.stride)
+        name = self._name(exp.label)
+        text = f"{name} (class {exp.label})" if name is not None else f"class {exp.label}"
+        text += f", p = {prob:.3g}" + (" [untrained-random-init]" if self.weights == UNTRAINED else "")
+        png = obe_render.render_original_png(img, region, heatmap, prob, exp.patch_size, exp.stride, text, png_size)
         c = self.context
         c.set_response_content_type(idx, "image/png")
         for k, v in (("Label", exp.label), ("Probability", f"{prob:.6g}"), ("Cache", exp.cache),
-                     ("Positions", positions), ("Weights", self.weights), ("Total-Ms", f"{total_ms:.1f}")):
+                     ("Positions", positions), ("Weights", self.weights), ("Total-Ms", f"{total_ms:.1f}"),
+                     ("Region", ",".join(f"{v:g}" for v in region["box"]))):
             c.set_response_header(idx, f"X-Krypton-{k}", str(v))
-        name = self._name(exp.label)
         if name is not None:
             c.set_response_header(idx, "X-Krypton-Label-Name", name.encode("ascii", "replace").decode())
         return png
@@ -556,7 +565,7 @@ class KryptonHandler(KryptonExplainMixin, BaseHandler):
                 if explain:
                     results[idx] = self._explain(idx, image_bytes, opts, t0)
                 else:
-                    x, _view, _ = self._load_image(image_bytes)
+                    x, _img, _ = self._load_image(image_bytes)
                     predicts.append((idx, x))
             except Exception as e:  # noqa: BLE001 - nothing a client sends may take the worker down
                 results[idx] = self._failure(idx, e, explain)
@@ -565,14 +574,14 @@ class KryptonHandler(KryptonExplainMixin, BaseHandler):
         return results
 
     def _explain(self, idx, image_bytes, opts, t0):
-        x, view, decode_ms = self._load_image(image_bytes)
-        return self._explain_tensor(idx, x, view, opts, t0, decode_ms)
+        x, img, decode_ms = self._load_image(image_bytes)
+        return self._explain_tensor(idx, x, img, opts, t0, decode_ms)
 
     def _load_image(self, image_bytes):
         t0 = time.perf_counter()
         img = obe_request.decode_image(image_bytes, self.settings.limits, self.settings.allow_mode_conversion)
-        x, view = obe_request.preprocess(img, self.settings.preprocess, self.settings.limits)
-        return x, view, (time.perf_counter() - t0) * 1e3
+        x, _view = obe_request.preprocess(img, self.settings.preprocess, self.settings.limits)
+        return x, img, (time.perf_counter() - t0) * 1e3  # img: the decoded original (PNG overlay)
 
     def _predict(self, predicts, results):
         idxs = [i for i, _ in predicts]

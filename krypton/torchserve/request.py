@@ -32,12 +32,14 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 HEADER_PREFIX = "x-krypton-"
 IMAGE_FIELD = "data"
 EXPLAIN_OPTIONS = ("patch_size", "stride", "fill", "target", "method", "batch_size", "format", "tau",
-                   "target_ssim", "drilldown", "mode", "stream")
+                   "target_ssim", "drilldown", "mode", "stream", "png_size")
 APPROX_MODES = ("exact", "approximate")
 DRILLDOWN_KEYS = ("r", "target_speedup", "s1")
 NAMED_FILLS = ("gray", "grey", "black", "mean")
 METHODS = ("incremental", "naive")
 FORMATS = ("json", "png")
+# Longer side of the photo in a format=png answer (obe_render): 2048x2048 RGB stays under max_response_size.
+PNG_SIZE_RANGE = (64, 2048)
 FILL_RANGE = (-1000.0, 1000.0)
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 # Headers cannot carry a name with a space: TorchServe's worker cannot deliver it to a client-made key.
@@ -135,6 +137,7 @@ class Defaults:
     fill: Any = "gray"
     method: str = "incremental"
     format: str = "json"
+    png_size: int = 1024                     # longer side of the photo in a PNG answer (never enlarged)
 
 
 @dataclass
@@ -258,6 +261,8 @@ def settings_from_config(handler_cfg: Optional[Mapping[str, Any]]) -> Settings:
             D.method = parse_choice("method", d["method"], METHODS)
         if "format" in d:
             D.format = parse_choice("format", d["format"], FORMATS)
+        if "png_size" in d:
+            D.png_size = parse_int("png_size", d["png_size"], *PNG_SIZE_RANGE)
     except RequestError as e:
         raise ValueError(f"model-config.yaml handler.defaults: {e.message}") from None
     s.defaults = D
@@ -350,6 +355,7 @@ class Options:
     drilldown: Any = None  # None, False, True (defaults) or {r, target_speedup, s1}
     mode: Optional[str] = None
     stream: bool = False
+    png_size: int = 1024
 
 
 def parse_bool(name: str, value: Any) -> bool:
@@ -423,7 +429,9 @@ def parse_options(raw: Mapping[str, Any], settings: Settings, num_classes: Optio
     drilldown = parse_drilldown(raw["drilldown"]) if present("drilldown") else None
     mode = parse_choice("mode", raw["mode"], APPROX_MODES) if present("mode") else None
     stream = parse_bool("stream", raw["stream"]) if present("stream") else False
-    return Options(patch, stride, fill, target, method, batch, fmt, tau, target_ssim, drilldown, mode, stream)
+    png_size = parse_int("png_size", raw["png_size"], *PNG_SIZE_RANGE) if present("png_size") else d.png_size
+    return Options(patch, stride, fill, target, method, batch, fmt, tau, target_ssim, drilldown, mode, stream,
+                   png_size)
 
 
 # --------------------------------------------------------------------------------------------
