@@ -314,8 +314,13 @@ def test_config_properties_is_local_only_and_loads_the_archives():
     assert props["disable_token_authorization"] in ("true", "false")
     assert props["model_store"] == "model_store"
     assert props["model_metrics_auto_detect"] == "true"
-    loaded = sorted(m.replace(".mar", "") for m in props["load_models"].split(","))
-    assert loaded == sorted(["vgg16", "resnet18", "inception_v3", "efficientnet_lite0"])
+    # each archive twice: NAME (predictions) and NAME_explain (explanations), README "Deployment"
+    pairs = [e.split("=", 1) for e in props["load_models"].split(",")]
+    defaults = ["vgg16", "resnet18", "inception_v3", "efficientnet_lite0"]
+    assert sorted(n for n, _ in pairs) == sorted(defaults + [m + "_explain" for m in defaults])
+    assert all(f == n.replace("_explain", "") + ".mar" for n, f in pairs)
+    loaded = sorted({f[:-len(".mar")] for _, f in pairs})
+    assert loaded == sorted(defaults)
     for m in loaded:
         assert os.path.isfile(os.path.join(REPO, "serve", m, "model-config.yaml"))
     assert os.path.isfile(os.path.join(REPO, "serve", "model.py"))

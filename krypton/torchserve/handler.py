@@ -41,9 +41,12 @@ from .request import RequestError
 logger = logging.getLogger(__name__)
 
 _JSON = "application/json"
-_PHRASES = {400: "Bad Request", 413: "Payload Too Large", 500: "Internal Server Error",
+_PHRASES = {400: "Bad Request", 404: "Not Found", 413: "Payload Too Large", 500: "Internal Server Error",
             503: "Service Unavailable"}
 UNTRAINED = "untrained-random-init"
+# Set by scripts/serve.sh for the split deployment (README "Deployment"): the archive is registered as NAME
+# (predictions only) and NAME + this suffix (explanations), each with its own workers and queue.
+EXPLAIN_SUFFIX_ENV = "KRYPTON_EXPLAIN_SUFFIX"
 
 
 def _explain_flag(context, idx) -> bool:
@@ -89,6 +92,7 @@ class KryptonExplainMixin:
     krypton_normalize = None        # (mean, std) of this handler's preprocess
     krypton_own_preprocess = False  # True: the archive's handler.preprocess is the preprocessing (KryptonHandler)
     _krypton_batch = None
+    role = "both"  # initialize(): "predict" / "explain" in the split deployment (KRYPTON_EXPLAIN_SUFFIX)
 
     # ------------------------------------------------------------------------------ load
     def initialize(self, context):
@@ -101,13 +105,16 @@ class KryptonExplainMixin:
         self.budget = obe_guard.WorkBudget(s.limits.max_request_seconds, rt)
         obe_guard.watch_duplicate_parts()
         self.model_name = context.model_name
+        suffix = os.environ.get(EXPLAIN_SUFFIX_ENV, "")
+        self.role = ("explain" if self.model_name.endswith(suffix) else "predict") if suffix else "both"
         serialized = (context.manifest or {}).get("model", {}).get("serializedFile")
         if not serialized and self.krypton_own_preprocess:
             # No weights file: the model's constructor initializes randomly. Seed it so every worker
             # (and a restarted one) builds the same network and gives the same answers.
             torch.manual_seed(s.seed)
-        if s.threads:
-            torch.set_num_threads(s.threads)
+        threads = s.explain_threads if self.role == "explain" and s.explain_threads else s.threads
+        if threads:
+            torch.set_num_threads(threads)
         # PIL's own bomb check (warning above the limit, error above 2x) backs up ours.
         Image.MAX_IMAGE_PIXELS = s.limits.max_image_pixels
 
@@ -139,7 +146,7 @@ class KryptonExplainMixin:
         crop = self._input_side()
         if crop is not None:
             self._prepare_shape((1, 3, crop, crop))
-        msg = (f"model {self.model_name}: handler={type(self).__name__} arch={s.arch or 'user model'} "
+        msg = (f"model {self.model_name} ({self.role}): handler={type(self).__name__} arch={s.arch or 'user model'} "
                f"format={self.model_format} weights={self.weights} classes={self.num_classes} device={self.device} "
                f"threads={torch.get_num_threads()} preprocess={self._describe_preprocess()} limits={s.limits} "
                f"cache_bytes={s.cache_bytes}")
@@ -221,8 +228,9 @@ class KryptonExplainMixin:
                 raise
             logger.warning("model %s: probe of %s failed", self.model_name, shape, exc_info=True)
             return
-        self._warm_up(shape)
-        self._seed_budget(shape)
+        if self.role != "predict":  # a predictions-only registration never explains
+            self._warm_up(shape)
+            self._seed_budget(shape)
 
     def _warm_up(self, shape) -> None:
         """Build the plan of the default options at load time: the first plan pays one-time costs
@@ -271,6 +279,8 @@ class KryptonExplainMixin:
     # ------------------------------------------------------------------------------ requests
     def _parse(self, idx, payload):
         """Image bytes and options of one explanation request; raises RequestError."""
+        if self.role == "predict" and _explain_flag(self.context, idx):
+            raise RequestError(self._explained_elsewhere(), status=404)
         headers = self.context.get_all_request_header(idx) or {}
         image_bytes, raw_opts, _kind = obe_request.extract(payload, headers, self.settings.limits)
         return image_bytes, obe_request.parse_options(raw_opts, self.settings, self.num_classes)
@@ -362,6 +372,13 @@ class KryptonExplainMixin:
             raise ModelError(f"preprocess() gave {got} for this request; Krypton explains a float (C, H, W) "
                              "tensor per request (a batch tensor (N, C, H, W) or a list of them)")
         return x
+
+    def _explained_elsewhere(self) -> str:
+        other = self.model_name + os.environ.get(EXPLAIN_SUFFIX_ENV, "")
+        return (f"registration {self.model_name} serves predictions only; explanations of this model are "
+                f"served by the registration {other}: POST /explanations/{other} (or /v1/models/{other}:explain, "
+                f"/v2/models/{other}/explain). Separate workers and queue, so explanations never delay "
+                f"predictions (README \"Deployment\").")
 
     def _failure(self, idx, e: Exception, explain: bool):
         """Client mistakes (RequestError, the engine's OptionError) answer 4xx naming the parameter; any

@@ -100,7 +100,8 @@ class RequestError(ValueError):
         return body
 
 
-_STATUS_TYPES = {400: "BadRequest", 413: "PayloadTooLarge", 500: "InternalServerError", 503: "ServiceUnavailable"}
+_STATUS_TYPES = {400: "BadRequest", 404: "NotFound", 413: "PayloadTooLarge", 500: "InternalServerError",
+                 503: "ServiceUnavailable"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,6 +150,7 @@ class Settings:
     memory_budget: Optional[int] = None      # bytes a request's peak may take (None: the engine's 1 GiB)
     calibrate_memory: bool = True            # measure the model's memory at load (a few probe runs)
     threads: Optional[int] = None            # torch intra-op threads per worker; None: torch default
+    explain_threads: Optional[int] = None    # the same, for a NAME_explain registration (README "Deployment")
     allow_mode_conversion: bool = False      # convert gray / RGBA / 16-bit / CMYK to 8-bit RGB
     topk: int = 5
     preprocess: Preprocess = field(default_factory=Preprocess)
@@ -210,6 +212,8 @@ def settings_from_config(handler_cfg: Optional[Mapping[str, Any]]) -> Settings:
         s.calibrate_memory = cfg["calibrate_memory"]
     if "threads" in cfg:
         s.threads = _cfg_int("threads", cfg["threads"], 1, 1024, allow_none=True)
+    if "explain_threads" in cfg:
+        s.explain_threads = _cfg_int("explain_threads", cfg["explain_threads"], 1, 1024, allow_none=True)
     if "allow_mode_conversion" in cfg:
         if not isinstance(cfg["allow_mode_conversion"], bool):
             raise _config_error("allow_mode_conversion", cfg["allow_mode_conversion"], "true or false")
