@@ -4,10 +4,11 @@
 For each layout a real TorchServe is started (tests/server_utils.py: isolated TMPDIR, free ports, the
 shipped config.properties with token authorization) with the archive of ``--model``; then
   1. idle: ``--idle`` sequential predictions (after 3 unrecorded ones);
-  2. loaded: ``--explains`` clients each keep one explanation in flight (stride ``--stride``), and
-     predictions arrive open-loop every ``--interval`` s for ``--window`` s (each its own client),
-     so a slow answer does not slow the arrivals; the clients stop submitting at the window's end
-     and every request is waited for.
+  2. loaded: ``--explains`` clients each keep one explanation in flight (stride ``--stride``) while one
+     client sends predictions one after the other (``--interval`` s apart) for at least ``--window`` s
+     and at least ``--min-loaded`` predictions; only then do the explanation clients stop resubmitting.
+     Closed loop on purpose: an open-loop arrival rate above what a loaded 2-core machine serves
+     measures the prediction queue's own overload, not the explanations' effect.
 Layouts:
   shared    one registration NAME: /predictions/NAME and /explanations/NAME share its worker and queue
   split     NAME and NAME_explain (the same .mar registered twice, its own worker and queue each),
@@ -17,7 +18,7 @@ Layouts:
             worker with torch's default (one per core)
   split-1+1 split, both workers with handler.threads=1 (one core each on a 2-core CPU)
 
-    .venv/bin/python scripts/bench_isolation.py                  # ~10 minutes on a 2-core CPU
+    .venv/bin/python scripts/bench_isolation.py                  # ~10 minutes on a quiet 2-core CPU
     .venv/bin/python scripts/bench_isolation.py --layouts split-t1 --window 20 --name try
 
 Writes bench/results/<name>.json (every latency) and .md (the table, machine, versions, commit, command).
@@ -142,26 +143,23 @@ def run_layout(layout: str, store: str, args, imgs: List[bytes]) -> Dict:
 
         loaded: List[float] = []
 
-        def predictor(k: int):
-            status, dt, body = timed(ts, f"/predictions/{m}", imgs[k % len(imgs)])
-            with lock:
-                (loaded.append(dt) if status == 200 else errors.append(f"predict {status} {body[:200]!r}"))
-
         ex = [threading.Thread(target=explainer, args=(k,), daemon=True) for k in range(args.explains)]
         for t in ex:
             t.start()
         time.sleep(args.settle)  # every explanation submitted, the first one running
-        preds = []
         t0 = time.perf_counter()
         k = 0
-        while time.perf_counter() - t0 < args.window:
-            t = threading.Thread(target=predictor, args=(k,), daemon=True)
-            t.start()
-            preds.append(t)
+        while time.perf_counter() - t0 < args.window or len(loaded) < args.min_loaded:
+            status, dt, body = timed(ts, f"/predictions/{m}", imgs[k % len(imgs)])
+            if status != 200:
+                errors.append(f"predict {status} {body[:200]!r}")
+                break
+            loaded.append(dt)
+            print(f"[{layout}] loaded prediction {k}: {dt:.2f} s", flush=True)
             k += 1
-            time.sleep(max(0.0, t0 + k * args.interval - time.perf_counter()))
+            time.sleep(args.interval)
         stop.set()
-        for t in preds + ex:
+        for t in ex:
             t.join()
         if errors:
             raise RuntimeError(f"[{layout}] failed requests: {errors[:5]}")
@@ -180,8 +178,9 @@ def markdown(res: Dict) -> str:
              "", f"Command: `{res['command']}`", "",
              f"Model {a['model']} (real weights), explanations at patch 16 stride {a['stride']} "
              f"({res.get('positions', '?')} positions), predictions: one photo each (4 skimage photos in turn); "
-             f"loaded phase: {a['explains']} clients keeping one explanation each in flight, predictions "
-             f"arriving every {a['interval']} s for {a['window']} s. Latency = client wall time of one HTTP request.",
+             f"loaded phase: {a['explains']} clients keeping one explanation each in flight while one client "
+             f"sends predictions one after the other ({a['interval']} s apart, for >= {a['window']} s and >= "
+             f"{a['min_loaded']} predictions). Latency = client wall time of one HTTP request.",
              "", "| layout | idle p50 / p95 | loaded p50 / p95 (max) | explanation p50 | worker RSS | startup | "
              "load avg (1 min) start / end |", "|---|---|---|---|---|---|---|"]
     for r in res["layouts"]:
@@ -203,15 +202,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="efficientnet_lite0", choices=archive_models.DEFAULT_MODELS)
     ap.add_argument("--layouts", default="shared,split,split-t1,split-1+1")
-    ap.add_argument("--stride", type=int, default=8)
+    ap.add_argument("--stride", type=int, default=16)
     ap.add_argument("--explains", type=int, default=4)
-    ap.add_argument("--idle", type=int, default=30)
-    ap.add_argument("--window", type=float, default=40.0)
-    ap.add_argument("--interval", type=float, default=0.5)
+    ap.add_argument("--idle", type=int, default=20)
+    ap.add_argument("--window", type=float, default=30.0)
+    ap.add_argument("--min-loaded", type=int, default=3)
+    ap.add_argument("--interval", type=float, default=0.2)
     ap.add_argument("--settle", type=float, default=2.0)
     ap.add_argument("--max-load", type=float, default=2.5,
                     help="before each layout wait until the 1-minute load average is at most this")
-    ap.add_argument("--max-wait", type=float, default=180.0, help="seconds to wait for that, at most")
+    ap.add_argument("--max-wait", type=float, default=60.0, help="seconds to wait for that, at most")
     ap.add_argument("--name", default=f"isolation-{datetime.date.today().isoformat()}")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     args = ap.parse_args(argv)
