@@ -125,12 +125,15 @@ def model_config(name: str) -> Dict:
     return cfg
 
 
-def archive(name: str, export_path: str, work_dir: str, weights: Optional[str] = None) -> str:
+def archive(name: str, export_path: str, work_dir: str, weights: Optional[str] = None,
+            handler_overrides: Optional[Dict] = None) -> str:
+    """``handler_overrides``: keys replacing those of the ``handler:`` section (benchmarks, tests)."""
     import torch
     from krypton.models import build_model
 
     t0 = time.time()
     cfg = model_config(name)
+    cfg["handler"].update(handler_overrides or {})
     stage_weights = os.path.join(work_dir, f"{name}.weights.pt")
     serialized = None
     if weights:

@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
 # Set up, archive the default models, start TorchServe with config.properties, wait until every
-# default model has a READY worker, then print working curl examples and the stop command.
+# registration has a READY worker, then print working curl examples and the stop command.
+#
+# Deployment (README "Deployment"): each archive is registered twice, NAME (predictions) and
+# NAME_explain (explanations), each with its own worker and queue, so explanations never queue in front
+# of predictions; POST /explanations/NAME then answers 404 naming /explanations/NAME_explain.
 #
 #   scripts/serve.sh                      # setup + archives + start (token authorization on)
+#   scripts/serve.sh --shared             # one registration per archive: /predictions/NAME and
+#                                         #   /explanations/NAME share its worker and queue (less memory)
 #   scripts/serve.sh --no-token-auth      # local experiments only: no Authorization header needed
 #   scripts/serve.sh --weights vgg16=/path/vgg16-397923af.pth   # real weights (repeatable)
 #   scripts/serve.sh --no-setup --no-archive --timeout 600
@@ -17,7 +23,7 @@ cd "$ROOT"
 RUN="${KRYPTON_SERVE_DIR:-$ROOT/.serve}"
 PY="$ROOT/.venv/bin/python"
 TS="$ROOT/.venv/bin/torchserve"
-SETUP=1; ARCHIVE=1; TOKEN=1; TIMEOUT=600; WEIGHTS=()
+SETUP=1; ARCHIVE=1; TOKEN=1; SHARED=0; TIMEOUT=600; WEIGHTS=()
 log() { echo "[serve] $*"; }
 die() { echo "[serve] ERROR: $*" >&2; exit 1; }
 
@@ -29,7 +35,8 @@ while [ $# -gt 0 ]; do
     --no-archive) ARCHIVE=0 ;;
     --timeout) shift; TIMEOUT="${1:?--timeout needs seconds}" ;;
     --weights) shift; WEIGHTS+=(--weights "${1:?--weights needs NAME=PATH}") ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    --shared) SHARED=1 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
   shift
@@ -44,8 +51,22 @@ fi
 if [ "$ARCHIVE" = 1 ]; then
   "$PY" scripts/archive_models.py "${WEIGHTS[@]}"
 fi
-MODELS="$(sed -n 's/^load_models=//p' config.properties | tr ',' '\n' | sed 's/\.mar$//; s/=.*//' | tr '\n' ' ')"
-for m in $MODELS; do [ -f "model_store/$m.mar" ] || die "model_store/$m.mar is missing: run scripts/archive_models.py"; done
+# load_models entries are NAME=FILE.mar (or FILE.mar, registered as FILE); --shared keeps one per file.
+LOAD="$(sed -n 's/^load_models=//p' config.properties)"
+if [ "$SHARED" = 1 ]; then
+  LOAD="$(echo "$LOAD" | tr ',' '\n' | grep -v '^[A-Za-z0-9_]*_explain=' | paste -sd, -)"
+fi
+MODELS="$(echo "$LOAD" | tr ',' '\n' | sed 's/=.*//; s/\.mar$//' | tr '\n' ' ')"
+for f in $(echo "$LOAD" | tr ',' '\n' | sed 's/^.*=//'); do
+  [ -f "model_store/$f" ] || die "model_store/$f is missing: run scripts/archive_models.py"
+done
+# The handler reads this: NAME_explain registrations explain, NAME ones refuse explanations (404 naming
+# NAME_explain). Set only when the layout has _explain registrations.
+if echo "$LOAD" | tr ',' '\n' | grep -q '^[A-Za-z0-9_]*_explain='; then
+  export KRYPTON_EXPLAIN_SUFFIX=_explain; EXPLAIN_SUFFIX=_explain
+else
+  unset KRYPTON_EXPLAIN_SUFFIX; EXPLAIN_SUFFIX=""
+fi
 
 # A previous instance from this scratch folder is stopped first; a foreign one holding the ports is an error.
 if [ -f "$RUN/tmp/.model_server.pid" ]; then
@@ -63,10 +84,18 @@ done
 
 CONFIG="$ROOT/config.properties"
 rm -f "$RUN/key_file.json"
-if [ "$TOKEN" = 0 ]; then
+if [ "$TOKEN" = 0 ] || [ "$SHARED" = 1 ]; then
   CONFIG="$RUN/config.properties"
-  sed 's/^disable_token_authorization=.*/disable_token_authorization=true/' "$ROOT/config.properties" > "$CONFIG"
-  log "token authorization OFF (--no-token-auth): any local process, and any web page open on this machine, can call it"
+  AUTH_OFF=false
+  if [ "$TOKEN" = 0 ]; then
+    AUTH_OFF=true
+    log "token authorization OFF (--no-token-auth): any local process, and any web page open on this machine, can call it"
+  fi
+  sed "s/^disable_token_authorization=.*/disable_token_authorization=$AUTH_OFF/; s/^load_models=.*/load_models=$LOAD/" \
+    "$ROOT/config.properties" > "$CONFIG"
+  if [ "$SHARED" = 1 ]; then
+    log "--shared: one registration per archive; explanations queue in front of its predictions"
+  fi
 fi
 
 log "starting TorchServe (logs: $RUN/logs)"
@@ -147,11 +176,11 @@ fi
 cat <<EOF
 
 TorchServe is up with: $MODELS
-Explain (JSON; ~10-60 s on a 2-core CPU):
-  curl -s -T $PHOTO$AUTH -H "X-Krypton-Stride: 16" http://127.0.0.1:8080/explanations/efficientnet_lite0 | head -c 1200; echo
-Explain as a PNG overlay:
-  curl -s -T $PHOTO$AUTH -H "X-Krypton-Stride: 16" -H "X-Krypton-Format: png" -o $RUN/heatmap.png http://127.0.0.1:8080/explanations/efficientnet_lite0
-Top-5 classes:
+Explain (JSON; ~10-60 s on a 2-core CPU; explanations of NAME are served at /explanations/NAME$EXPLAIN_SUFFIX):
+  curl -s -T $PHOTO$AUTH -H "X-Krypton-Stride: 16" http://127.0.0.1:8080/explanations/efficientnet_lite0$EXPLAIN_SUFFIX | head -c 1200; echo
+Explain as a PNG overlay (the whole photo, the model's view in colour, a probability colour bar):
+  curl -s -T $PHOTO$AUTH -H "X-Krypton-Stride: 16" -H "X-Krypton-Format: png" -o $RUN/heatmap.png http://127.0.0.1:8080/explanations/efficientnet_lite0$EXPLAIN_SUFFIX
+Top-5 classes (predictions of NAME at /predictions/NAME):
   curl -s -T $PHOTO$AUTH http://127.0.0.1:8080/predictions/efficientnet_lite0
 Model status (management API):
   curl -s$MAUTH http://127.0.0.1:8081/models/efficientnet_lite0

@@ -103,6 +103,7 @@ def test_options_defaults_and_types():
     assert (o.patch_size, o.stride, o.fill, o.target, o.method, o.batch_size, o.format) == \
         (8, 2, 0.25, 7, "naive", 32, "png")
     assert rq.parse_options({"batch_size": "auto", "fill": "Mean", "tau": "0.5"}, SETTINGS, 10).tau == 0.5
+    assert o.png_size == 1024 and rq.parse_options({"png_size": "300"}, SETTINGS, 10).png_size == 300
 
 
 @pytest.mark.parametrize("raw,param,needle", [
@@ -128,6 +129,8 @@ def test_options_defaults_and_types():
     ({"drilldown": {"rate": 0.2}}, "drilldown", "unknown key"),
     ({"drilldown": {"r": "a lot"}}, "drilldown", "not a number"),
     ({"stream": "perhaps"}, "stream", "true | false"),
+    ({"png_size": "20"}, "png_size", "[64, 2048]"),
+    ({"png_size": "big"}, "png_size", "not an integer"),
 ])
 def test_options_rejected(raw, param, needle):
     e = err(rq.parse_options, raw, SETTINGS, 10)
@@ -211,14 +214,76 @@ def test_clip_and_overlay_geometry():
     assert obe_render.jet_r(np.array([1.0]))[0].argmax() == 2
     idx = obe_render.cell_index(32, 13, 8, 2)  # patch centres at 4, 6, ..., 28
     assert idx[0] == 0 and idx[4] == 0 and idx[6] == 1 and idx[28] == 12 and idx[31] == 12
-    view = np.full((32, 32, 3), 128, np.uint8)
-    hm = np.full((13, 13), 0.5)  # no drop (>= 1.25 p): blue
-    hm[6, 6] = 0.0
-    png = obe_render.overlay_png(view, hm, 0.4, 8, 2)
-    im = Image.open(io.BytesIO(png))
-    assert im.format == "PNG" and im.size == (32, 32) and im.mode == "RGB"
-    a = np.asarray(im).astype(int)
-    assert a[16, 16, 0] > a[16, 16, 2] and a[0, 0, 2] > a[0, 0, 0]  # red at the drop, blue elsewhere
+    assert obe_render.cells_at(np.array([3.9, 4.0, 5.1, 100.0]), 13, 8, 2).tolist() == [0, 0, 1, 12]
+
+
+@pytest.mark.parametrize("size", [(451, 300), (300, 451), (333, 257), (257, 333), (256, 256), (1001, 999)])
+def test_crop_region_is_the_model_input_in_original_pixels(size):
+    """The box of crop_region is where krypton.preprocess's resize + centre crop takes its pixels:
+    an original whose red/green channels encode x/y gives the model-input view those coordinates."""
+    W, H = size
+    reg = obe_render.crop_region(size, 256, 224)
+    l, t, r, b = reg["box"]
+    sx, sy = reg["scale"]
+    assert reg["original_size"] == [W, H] and reg["input_size"] == [224, 224]
+    assert sx == pytest.approx(W / rq.resized_size(W, H, 256)[0]) and r - l == pytest.approx(224 * sx, abs=0.01)
+    assert b - t == pytest.approx(224 * sy, abs=0.01)
+    assert abs((l + r) / 2 - W / 2) <= sx and abs((t + b) / 2 - H / 2) <= sy  # centred
+    assert 0 <= l < r <= W and 0 <= t < b <= H
+    xs, ys = np.meshgrid(np.arange(W) + 0.5, np.arange(H) + 0.5)
+    # 16-bit precision in two channels would be nicer; 8 bits over <= 1001 px: tolerance 2 levels + blur
+    coded = np.stack([xs / W * 255, ys / H * 255, np.zeros_like(xs)], -1).round().astype(np.uint8)
+    _, view = rq.preprocess(Image.fromarray(coded, "RGB"), rq.Preprocess(256, 224))
+    for j in (0, 111, 223):  # model-input pixel centre j + 0.5 lies at l + (j + 0.5) * sx in the original
+        assert view[112, j, 0] == pytest.approx((l + (j + 0.5) * sx) / W * 255, abs=2.5)
+        assert view[j, 112, 1] == pytest.approx((t + (j + 0.5) * sy) / H * 255, abs=2.5)
+
+
+def test_crop_region_without_resize_or_crop():
+    assert obe_render.crop_region((300, 200), None, 100)["box"] == [100, 50, 200, 150]
+    reg = obe_render.crop_region((300, 200), 100, None)
+    assert reg["box"] == [0, 0, 300, 200] and reg["input_size"] == [150, 100] and reg["scale"] == [2, 2]
+
+
+def _render(size, max_side, hm, prob=0.4, patch=16, stride=8):
+    im = Image.new("RGB", size, (128, 128, 128))
+    reg = obe_render.crop_region(size, 256, 224)
+    png = obe_render.render_original_png(im, reg, hm, prob, patch, stride, "tabby (class 281), p = 0.4", max_side)
+    out = Image.open(io.BytesIO(png))
+    out.load()
+    return reg, out, np.asarray(out).astype(int)
+
+
+def test_render_original_photo_box_dim_and_colour_bar():
+    hm = np.full((27, 27), 0.5)  # no drop (>= 1.25 p): blue
+    hm[13, 20] = 0.0             # one strong drop: red
+    reg, im, a = _render((451, 300), 1024, hm)
+    assert im.format == "PNG" and im.mode == "RGB"
+    assert im.width == 451 and im.height > 300  # the original's resolution, a legend strip below
+    l, t, r, b = reg["box"]
+    sx, sy = reg["scale"]
+    assert abs(a[150, 20] - 128 * obe_render.DIM).max() <= 1      # left of the box: dimmed gray
+    assert abs(a[150, 440] - 128 * obe_render.DIM).max() <= 1     # right of it
+    assert a[150, 200, 2] > a[150, 200, 0] + 50                     # inside: blue
+    x, y = int(l + (20 * 8 + 8) * sx), int(t + (13 * 8 + 8) * sy)   # centre of the drop cell's patch
+    assert a[y, x, 0] > a[y, x, 2] + 50                             # red there
+    legend = a[300:]
+    row = legend[np.argmax((legend.max(-1) - legend.min(-1)).mean(-1))]  # most colourful row: the bar
+    sat = row.max(-1) - row.min(-1) > 100
+    xs = np.nonzero(sat)[0]
+    assert xs.size > 0.6 * im.width                                  # a bar across the legend
+    assert row[xs[0], 0] > row[xs[0], 2] and row[xs[-1], 2] > row[xs[-1], 0]  # red (drop) -> blue
+    assert (legend.sum(-1) < 200).sum() > 50                          # dark text (label, ticks)
+
+
+def test_render_original_size_option_and_small_photos():
+    hm = np.full((27, 27), 0.45)
+    _, im, _ = _render((3000, 2000), 1024, hm)
+    assert im.width == 1024 and 683 < im.height < 683 + 200
+    _, im, _ = _render((2000, 3000), 300, hm)
+    assert im.width == 360 and im.height > 300  # the legend's minimum width; photo 200x300 on its left
+    _, im, a = _render((300, 260), 1024, hm)    # smaller than png_size: never enlarged
+    assert im.width == 360 and abs(a[130, 330] - 255).max() == 0  # white beside the photo
 
 
 # ------------------------------------------------------------------------------- memory
@@ -249,8 +314,13 @@ def test_config_properties_is_local_only_and_loads_the_archives():
     assert props["disable_token_authorization"] in ("true", "false")
     assert props["model_store"] == "model_store"
     assert props["model_metrics_auto_detect"] == "true"
-    loaded = sorted(m.replace(".mar", "") for m in props["load_models"].split(","))
-    assert loaded == sorted(["vgg16", "resnet18", "inception_v3", "efficientnet_lite0"])
+    # each archive twice: NAME (predictions) and NAME_explain (explanations), README "Deployment"
+    pairs = [e.split("=", 1) for e in props["load_models"].split(",")]
+    defaults = ["vgg16", "resnet18", "inception_v3", "efficientnet_lite0"]
+    assert sorted(n for n, _ in pairs) == sorted(defaults + [m + "_explain" for m in defaults])
+    assert all(f == n.replace("_explain", "") + ".mar" for n, f in pairs)
+    loaded = sorted({f[:-len(".mar")] for _, f in pairs})
+    assert loaded == sorted(defaults)
     for m in loaded:
         assert os.path.isfile(os.path.join(REPO, "serve", m, "model-config.yaml"))
     assert os.path.isfile(os.path.join(REPO, "serve", "model.py"))
@@ -380,7 +450,11 @@ def test_handler_mixed_batch(handler):
     assert body["memory"]["materialized_bytes"] > 0 and body["theoretical_speedup"] > 0
     assert (s2, c2) == (400, "application/json") and "not an image" in json.loads(b2)["message"]
     assert (s3, c3) == (200, "image/png")
-    assert Image.open(io.BytesIO(b3)).size == (32, 32)
+    w, h = Image.open(io.BytesIO(b3)).size
+    assert w == 360 and h > 40  # the 48x40 original (legend strip: at least 360 wide)
+    assert body["region"] == {"original_size": [48, 40], "box": [8.0, 4.0, 40.0, 36.0],
+                              "input_size": [32, 32], "scale": [1.0, 1.0]}
+    assert ctx.get_response_headers(3)["X-Krypton-Region"] == "8,4,40,36"
     assert ctx.get_response_headers(3)["X-Krypton-Cache"] == "hit"  # same image as request 1
 
 

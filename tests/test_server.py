@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.join(REPO, "scripts"))
 
 import archive_models  # noqa: E402
 import oracle  # noqa: E402
+from krypton.torchserve import render as obe_render  # noqa: E402
 from krypton.torchserve import request as rq  # noqa: E402
 from server_utils import (TINY_MODEL, TorchServeProcess, bomb_png, image_bytes, multipart,  # noqa: E402
                           png16_rgb, png_raw, tiny_model_class)
@@ -167,7 +168,10 @@ def test_explain_png(server):
     assert status == 200 and headers["content-type"] == "image/png"
     im = Image.open(io.BytesIO(body))
     im.load()
-    assert im.format == "PNG" and im.size == (32, 32) and im.mode == "RGB"
+    # the whole 64x50 original at its own resolution, a legend strip below (at least 360 px wide)
+    assert im.format == "PNG" and im.width == 360 and im.height > 50 and im.mode == "RGB"
+    box = obe_render.crop_region((64, 50), TINY_PRE.resize, TINY_PRE.crop)["box"]
+    assert headers["x-krypton-region"] == ",".join(f"{v:g}" for v in box)
     assert headers["x-krypton-weights"] == "untrained-random-init"
     assert int(headers["x-krypton-positions"]) == 49 and headers["x-krypton-cache"] in ("hit", "miss")
 
@@ -701,7 +705,9 @@ def test_user_handler_with_mixin_keeps_its_predictions_and_explains_its_preproce
     # PNG, errors, limits: the same as KryptonHandler's
     status, headers, png = server.request("POST", "/explanations/mine", img, {"X-Krypton-Format": "png",
                                                                                 "X-Krypton-Stride": "4"})
-    assert status == 200 and headers["content-type"] == "image/png" and Image.open(io.BytesIO(png)).size == (36, 28)
+    w, h = Image.open(io.BytesIO(png)).size  # the 36x28 model input (no original known), a legend below
+    assert status == 200 and headers["content-type"] == "image/png" and w == 360 and h > 28
+    assert headers["x-krypton-region"] == "0,0,36,28"
     for hdr, param in (({"X-Krypton-Patch-Size": "6", "X-Krypton-Stride": "1"}, "stride"),
                        ({"X-Krypton-Colour": "red"}, None)):
         status, _, body = server.request("POST", "/explanations/mine", img, hdr)

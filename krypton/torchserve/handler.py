@@ -10,7 +10,7 @@ Per request of a TorchServe batch (a batch can mix both kinds):
   /predictions/NAME                                   -> top-k classes (JSON)
   /explanations/NAME, /v1/models/NAME:explain, /v2/models/NAME/explain -> occlusion explanation,
       JSON (heatmap, label, probability, options used, positions, timings, memory, speedup, cache)
-      or format=png (jet_r overlay on the photo).
+      or format=png (jet_r overlay on the whole original photo, with a colour bar and the label).
 Client mistakes answer 400/413 with a JSON body naming the problem; nothing a client sends takes
 the worker down. The engine (``krypton.Explainer``) keeps one LRU of materialized activations per
 worker, keyed by the preprocessed image's hash, bounded by ``cache_bytes``.
@@ -42,9 +42,12 @@ from .request import RequestError
 logger = logging.getLogger(__name__)
 
 _JSON = "application/json"
-_PHRASES = {400: "Bad Request", 413: "Payload Too Large", 500: "Internal Server Error",
+_PHRASES = {400: "Bad Request", 404: "Not Found", 413: "Payload Too Large", 500: "Internal Server Error",
             503: "Service Unavailable"}
 UNTRAINED = "untrained-random-init"
+# Set by scripts/serve.sh for the split deployment (README "Deployment"): the archive is registered as NAME
+# (predictions only) and NAME + this suffix (explanations), each with its own workers and queue.
+EXPLAIN_SUFFIX_ENV = "KRYPTON_EXPLAIN_SUFFIX"
 
 
 def _explain_flag(context, idx) -> bool:
@@ -90,6 +93,7 @@ class KryptonExplainMixin:
     krypton_normalize = None        # (mean, std) of this handler's preprocess
     krypton_own_preprocess = False  # True: the archive's handler.preprocess is the preprocessing (KryptonHandler)
     _krypton_batch = None
+    role = "both"  # initialize(): "predict" / "explain" in the split deployment (KRYPTON_EXPLAIN_SUFFIX)
 
     # ------------------------------------------------------------------------------ load
     def initialize(self, context):
@@ -102,13 +106,16 @@ class KryptonExplainMixin:
         self.budget = obe_guard.WorkBudget(s.limits.max_request_seconds, rt)
         obe_guard.watch_duplicate_parts()
         self.model_name = context.model_name
+        suffix = os.environ.get(EXPLAIN_SUFFIX_ENV, "")
+        self.role = ("explain" if self.model_name.endswith(suffix) else "predict") if suffix else "both"
         serialized = (context.manifest or {}).get("model", {}).get("serializedFile")
         if not serialized and self.krypton_own_preprocess:
             # No weights file: the model's constructor initializes randomly. Seed it so every worker
             # (and a restarted one) builds the same network and gives the same answers.
             torch.manual_seed(s.seed)
-        if s.threads:
-            torch.set_num_threads(s.threads)
+        threads = s.explain_threads if self.role == "explain" and s.explain_threads else s.threads
+        if threads:
+            torch.set_num_threads(threads)
         # PIL's own bomb check (warning above the limit, error above 2x) backs up ours.
         Image.MAX_IMAGE_PIXELS = s.limits.max_image_pixels
 
@@ -140,7 +147,7 @@ class KryptonExplainMixin:
         crop = self._input_side()
         if crop is not None:
             self._prepare_shape((1, 3, crop, crop))
-        msg = (f"model {self.model_name}: handler={type(self).__name__} arch={s.arch or 'user model'} "
+        msg = (f"model {self.model_name} ({self.role}): handler={type(self).__name__} arch={s.arch or 'user model'} "
                f"format={self.model_format} weights={self.weights} classes={self.num_classes} device={self.device} "
                f"threads={torch.get_num_threads()} preprocess={self._describe_preprocess()} limits={s.limits} "
                f"cache_bytes={s.cache_bytes}")
@@ -222,8 +229,9 @@ class KryptonExplainMixin:
                 raise
             logger.warning("model %s: probe of %s failed", self.model_name, shape, exc_info=True)
             return
-        self._warm_up(shape)
-        self._seed_budget(shape)
+        if self.role != "predict":  # a predictions-only registration never explains
+            self._warm_up(shape)
+            self._seed_budget(shape)
 
     def _warm_up(self, shape) -> None:
         """Build the plan of the default options at load time: the first plan pays one-time costs
@@ -272,6 +280,8 @@ class KryptonExplainMixin:
     # ------------------------------------------------------------------------------ requests
     def _parse(self, idx, payload):
         """Image bytes and options of one explanation request; raises RequestError."""
+        if self.role == "predict" and _explain_flag(self.context, idx):
+            raise RequestError(self._explained_elsewhere(), status=404)
         headers = self.context.get_all_request_header(idx) or {}
         image_bytes, raw_opts, _kind = obe_request.extract(payload, headers, self.settings.limits)
         return image_bytes, obe_request.parse_options(raw_opts, self.settings, self.num_classes)
@@ -364,6 +374,13 @@ class KryptonExplainMixin:
                              "tensor per request (a batch tensor (N, C, H, W) or a list of them)")
         return x
 
+    def _explained_elsewhere(self) -> str:
+        other = self.model_name + os.environ.get(EXPLAIN_SUFFIX_ENV, "")
+        return (f"registration {self.model_name} serves predictions only; explanations of this model are "
+                f"served by the registration {other}: POST /explanations/{other} (or /v1/models/{other}:explain, "
+                f"/v2/models/{other}/explain). Separate workers and queue, so explanations never delay "
+                f"predictions (README \"Deployment\").")
+
     def _failure(self, idx, e: Exception, explain: bool):
         """Client mistakes (RequestError, the engine's OptionError) answer 4xx naming the parameter; any
         other exception is a 500 whose traceback goes to the log, never to the client."""
@@ -425,7 +442,9 @@ class KryptonExplainMixin:
 
     def _explain_tensor(self, idx, x, view, opts, t0, decode_ms):
         """run -> metrics -> render: one explanation of the preprocessed (C, H, W) tensor ``x``, as JSON or
-        PNG. ``view``: the uint8 photo the model saw (None: made from ``x`` and the normalization)."""
+        PNG. ``view``: the decoded original photo (PIL; KryptonHandler: the heatmap is drawn on all of it,
+        its ``region`` mapped back through handler.preprocess), or None (a user's preprocess: the photo is
+        made from ``x`` and the normalization, and the region is the whole input)."""
         x = x.to(self.device)
         if isinstance(opts.fill, str) and self._normalization() is None:
             raise RequestError(
@@ -434,8 +453,8 @@ class KryptonExplainMixin:
                 "model-config.yaml or krypton_normalize = (mean, std) on the handler class, or send a numeric "
                 "fill (a value of the normalized input)", parameter="fill")
         self._prepare_shape((1, *x.shape))
-        if opts.occlusion == "segments":  # SLIC superpixels, FeatureAblation semantics (segments.py)
-            return obe_segments.explain(self, idx, x, view, opts, t0, decode_ms)
+        if opts.occlusion == "segments":  # SLIC superpixels of the model's input view (segments.py)
+            return obe_segments.explain(self, idx, x, opts, t0, decode_ms)
         positions = self._check_positions(x, opts)
         method = "naive" if self.fallback_reason else opts.method  # what really runs
         self.budget.check(self.context, positions, method)  # refuse what cannot finish in time
@@ -445,11 +464,15 @@ class KryptonExplainMixin:
         result = exp.to_dict()
         result["timings_ms"]["decode_preprocess"] = decode_ms
         result["memory"].update(pm.to_dict())
+        pre = self.settings.preprocess
+        result["region"] = (obe_render.crop_region(view.size, pre.resize, pre.crop) if view is not None else
+                            obe_render.crop_region((int(x.shape[-1]), int(x.shape[-2])), None, None))
         self._record(idx, x, exp, result, positions, pm)
         if opts.format == "png":
             if view is None:
-                view = self._view(x)
-            return self._png(idx, view, exp, positions, result["timings_ms"]["total"])
+                view = Image.fromarray(self._view(x), "RGB")
+            return self._png(idx, view, result["region"], exp, positions, result["timings_ms"]["total"],
+                             opts.png_size)
         return self._json(idx, x, exp, result, opts, t0)
 
     def _view(self, x) -> np.ndarray:
@@ -504,16 +527,19 @@ class KryptonExplainMixin:
         if not exp.incremental and self.fallback_reason:
             logger.info("model %s: not incremental: %s", self.model_name, exp.fallback_reason)
 
-    def _png(self, idx, view, exp, positions, total_ms) -> bytes:
+    def _png(self, idx, img, region, exp, positions, total_ms, png_size) -> bytes:
         prob = float(exp.probability)
         heatmap = exp.heatmap.detach().float().cpu().numpy()
-        png = obe_render.overlay_png(view, heatmap, prob, exp.patch_size, exp.stride)
+        name = self._name(exp.label)
+        text = f"{name} (class {exp.label})" if name is not None else f"class {exp.label}"
+        text += f", p = {prob:.3g}" + (" [untrained-random-init]" if self.weights == UNTRAINED else "")
+        png = obe_render.render_original_png(img, region, heatmap, prob, exp.patch_size, exp.stride, text, png_size)
         c = self.context
         c.set_response_content_type(idx, "image/png")
         for k, v in (("Label", exp.label), ("Probability", f"{prob:.6g}"), ("Cache", exp.cache),
-                     ("Positions", positions), ("Weights", self.weights), ("Total-Ms", f"{total_ms:.1f}")):
+                     ("Positions", positions), ("Weights", self.weights), ("Total-Ms", f"{total_ms:.1f}"),
+                     ("Region", ",".join(f"{v:g}" for v in region["box"]))):
             c.set_response_header(idx, f"X-Krypton-{k}", str(v))
-        name = self._name(exp.label)
         if name is not None:
             c.set_response_header(idx, "X-Krypton-Label-Name", name.encode("ascii", "replace").decode())
         return png
@@ -559,7 +585,7 @@ class KryptonHandler(KryptonExplainMixin, BaseHandler):
                 if explain:
                     results[idx] = self._explain(idx, image_bytes, opts, t0)
                 else:
-                    x, _view, _ = self._load_image(image_bytes)
+                    x, _img, _ = self._load_image(image_bytes)
                     predicts.append((idx, x))
             except Exception as e:  # noqa: BLE001 - nothing a client sends may take the worker down
                 results[idx] = self._failure(idx, e, explain)
@@ -568,14 +594,14 @@ class KryptonHandler(KryptonExplainMixin, BaseHandler):
         return results
 
     def _explain(self, idx, image_bytes, opts, t0):
-        x, view, decode_ms = self._load_image(image_bytes)
-        return self._explain_tensor(idx, x, view, opts, t0, decode_ms)
+        x, img, decode_ms = self._load_image(image_bytes)
+        return self._explain_tensor(idx, x, img, opts, t0, decode_ms)
 
     def _load_image(self, image_bytes):
         t0 = time.perf_counter()
         img = obe_request.decode_image(image_bytes, self.settings.limits, self.settings.allow_mode_conversion)
-        x, view = obe_request.preprocess(img, self.settings.preprocess, self.settings.limits)
-        return x, view, (time.perf_counter() - t0) * 1e3
+        x, _view = obe_request.preprocess(img, self.settings.preprocess, self.settings.limits)
+        return x, img, (time.perf_counter() - t0) * 1e3  # img: the decoded original (PNG overlay)
 
     def _predict(self, predicts, results):
         idxs = [i for i, _ in predicts]

@@ -32,7 +32,7 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 HEADER_PREFIX = "x-krypton-"
 IMAGE_FIELD = "data"
 EXPLAIN_OPTIONS = ("patch_size", "stride", "fill", "target", "method", "batch_size", "format", "tau",
-                   "target_ssim", "drilldown", "mode", "stream", "occlusion", "n_segments")
+                   "target_ssim", "drilldown", "mode", "stream", "occlusion", "n_segments", "png_size")
 OCCLUSIONS = ("grid", "segments")  # grid: OBE's sliding patch; segments: SLIC superpixels (segments.py)
 N_SEGMENTS_RANGE = (2, 500)
 GRID_ONLY = ("patch_size", "stride", "tau", "target_ssim", "drilldown", "mode", "stream")
@@ -41,6 +41,8 @@ DRILLDOWN_KEYS = ("r", "target_speedup", "s1")
 NAMED_FILLS = ("gray", "grey", "black", "mean")
 METHODS = ("incremental", "naive")
 FORMATS = ("json", "png")
+# Longer side of the photo in a format=png answer (obe_render): 2048x2048 RGB stays under max_response_size.
+PNG_SIZE_RANGE = (64, 2048)
 FILL_RANGE = (-1000.0, 1000.0)
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 # Headers cannot carry a name with a space: TorchServe's worker cannot deliver it to a client-made key.
@@ -101,7 +103,8 @@ class RequestError(ValueError):
         return body
 
 
-_STATUS_TYPES = {400: "BadRequest", 413: "PayloadTooLarge", 500: "InternalServerError", 503: "ServiceUnavailable"}
+_STATUS_TYPES = {400: "BadRequest", 404: "NotFound", 413: "PayloadTooLarge", 500: "InternalServerError",
+                 503: "ServiceUnavailable"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,6 +141,7 @@ class Defaults:
     fill: Any = "gray"
     method: str = "incremental"
     format: str = "json"
+    png_size: int = 1024                     # longer side of the photo in a PNG answer (never enlarged)
 
 
 @dataclass
@@ -149,6 +153,7 @@ class Settings:
     memory_budget: Optional[int] = None      # bytes a request's peak may take (None: the engine's 1 GiB)
     calibrate_memory: bool = True            # measure the model's memory at load (a few probe runs)
     threads: Optional[int] = None            # torch intra-op threads per worker; None: torch default
+    explain_threads: Optional[int] = None    # the same, for a NAME_explain registration (README "Deployment")
     allow_mode_conversion: bool = False      # convert gray / RGBA / 16-bit / CMYK to 8-bit RGB
     topk: int = 5
     preprocess: Preprocess = field(default_factory=Preprocess)
@@ -210,6 +215,8 @@ def settings_from_config(handler_cfg: Optional[Mapping[str, Any]]) -> Settings:
         s.calibrate_memory = cfg["calibrate_memory"]
     if "threads" in cfg:
         s.threads = _cfg_int("threads", cfg["threads"], 1, 1024, allow_none=True)
+    if "explain_threads" in cfg:
+        s.explain_threads = _cfg_int("explain_threads", cfg["explain_threads"], 1, 1024, allow_none=True)
     if "allow_mode_conversion" in cfg:
         if not isinstance(cfg["allow_mode_conversion"], bool):
             raise _config_error("allow_mode_conversion", cfg["allow_mode_conversion"], "true or false")
@@ -261,6 +268,8 @@ def settings_from_config(handler_cfg: Optional[Mapping[str, Any]]) -> Settings:
             D.method = parse_choice("method", d["method"], METHODS)
         if "format" in d:
             D.format = parse_choice("format", d["format"], FORMATS)
+        if "png_size" in d:
+            D.png_size = parse_int("png_size", d["png_size"], *PNG_SIZE_RANGE)
     except RequestError as e:
         raise ValueError(f"model-config.yaml handler.defaults: {e.message}") from None
     s.defaults = D
@@ -355,6 +364,7 @@ class Options:
     stream: bool = False
     occlusion: str = "grid"
     n_segments: int = 50
+    png_size: int = 1024
 
 
 def parse_bool(name: str, value: Any) -> bool:
@@ -442,8 +452,9 @@ def parse_options(raw: Mapping[str, Any], settings: Settings, num_classes: Optio
         if n_segments > lim.max_positions:
             raise RequestError(f"option n_segments: {n_segments} segments exceed the limit max_positions="
                                f"{lim.max_positions}", parameter="n_segments")
+    png_size = parse_int("png_size", raw["png_size"], *PNG_SIZE_RANGE) if present("png_size") else d.png_size
     return Options(patch, stride, fill, target, method, batch, fmt, tau, target_ssim, drilldown, mode, stream,
-                   occlusion, n_segments)
+                   occlusion, n_segments, png_size)
 
 
 # --------------------------------------------------------------------------------------------

@@ -105,11 +105,11 @@ def overlay_png(view, labels, seg_probs, probability, alpha: float = 0.5) -> byt
     return buf.getvalue()
 
 
-def explain(h, idx, x, view, opts, t0, decode_ms):
-    """The handler's occlusion=segments request (``h``: a KryptonExplainMixin with its request state)."""
+def explain(h, idx, x, opts, t0, decode_ms):
+    """The handler's occlusion=segments request (``h``: a KryptonExplainMixin with its request state).
+    Superpixels are found on the model's input view (the preprocessed crop), where the occlusion happens."""
     s = h.settings
-    if view is None:
-        view = h._view(x)
+    view = h._view(x)
     t1 = time.perf_counter()
     labels = slic_labels(view, opts.n_segments)
     k = int(labels.max()) + 1
