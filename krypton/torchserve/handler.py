@@ -146,7 +146,7 @@ class KryptonExplainMixin:
         self._shape_ready = None
         crop = self._input_side()
         if crop is not None:
-            self._prepare_shape((1, 3, crop, crop))
+            self._prepare_shape((1, 3, crop, crop), at_load=True)
         msg = (f"model {self.model_name} ({self.role}): handler={type(self).__name__} arch={s.arch or 'user model'} "
                f"format={self.model_format} weights={self.weights} classes={self.num_classes} device={self.device} "
                f"threads={torch.get_num_threads()} preprocess={self._describe_preprocess()} limits={s.limits} "
@@ -217,8 +217,10 @@ class KryptonExplainMixin:
                 return found
         return None
 
-    def _prepare_shape(self, shape) -> None:
-        """Once per input shape known: the number of classes, the default plan, the time budget seeds."""
+    def _prepare_shape(self, shape, at_load: bool = False) -> None:
+        """Once per input shape known: the number of classes, the default plan, the time budget seeds.
+        The memory calibration (probe runs, seconds) only at load: a shape first seen in a request (a
+        user's preprocess without handler.preprocess.crop) keeps the conservative default memory model."""
         if self._shape_ready is not None:
             return
         self._shape_ready = tuple(shape)
@@ -230,10 +232,10 @@ class KryptonExplainMixin:
             logger.warning("model %s: probe of %s failed", self.model_name, shape, exc_info=True)
             return
         if self.role != "predict":  # a predictions-only registration never explains
-            self._warm_up(shape)
+            self._warm_up(shape, calibrate=at_load)
             self._seed_budget(shape)
 
-    def _warm_up(self, shape) -> None:
+    def _warm_up(self, shape, calibrate: bool) -> None:
         """Build the plan of the default options at load time: the first plan pays one-time costs
         (about a second even for a tiny model) that would otherwise land on the first request."""
         d = self.settings.defaults
@@ -244,7 +246,7 @@ class KryptonExplainMixin:
             logger.warning("model %s: warm-up plan failed", self.model_name, exc_info=True)
             return
         t1 = time.perf_counter()
-        if self.settings.calibrate_memory:
+        if calibrate and self.settings.calibrate_memory:
             budget = self.settings.memory_budget or krypton.options.DEFAULT_MEMORY_BUDGET
             models = self.explainer.calibrate_memory(shape, d.patch_size, d.stride, budget)
             logger.info("model %s: memory calibrated in %.0f ms: %s", self.model_name,
