@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from . import formats
 from .errors import ModelError
+from .inplace import point_readers_at_inplace_results
 from .nodes import OpSpec
 from .rules import DEFAULT_RULES, Rule
 from .rules_aten import ATEN_RULES
@@ -66,6 +67,7 @@ class Capture:
                 raise TypeError(f"rules must be krypton.rules.Rule instances, got {type(rule).__name__}")
         leaves = tuple(t for rule in self.rules for t in rule.leaf_modules)
         self.gm, self.trace_failure = trace(model, leaves)
+        point_readers_at_inplace_results(self.gm)
         for rule in self.rules:  # graph passes of the rules (e.g. fusing a per-pixel NHWC chain into one node)
             self.gm = rule.rewrite(self.gm)
         self.device = next((p.device for p in model.parameters()), torch.device("cpu"))

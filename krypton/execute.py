@@ -7,13 +7,13 @@ the network runs as usual on the batch.
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
 from . import ops
+from .inplace import is_inplace
 from .errors import ModelError
 from .nodes import CONST, INC
 
@@ -57,24 +57,10 @@ def _call_node(gm: fx.GraphModule, node: fx.Node, env: dict) -> object:
     raise RuntimeError(f"unexpected node {node.op}")
 
 
-_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
-
-
-def _mutates_shared_input(capture, node: fx.Node) -> bool:
-    """An in-place op on a value that other nodes also read must not clobber the stored copy."""
-    spec = capture.specs.get(node)
-    inplace = (
-        bool(spec is not None and spec.extra.get("inplace"))
-        or (node.op == "call_function" and node.target in _INPLACE_OPERATORS)
-        or (node.op == "call_method" and node.target.endswith("_"))
-        or (node.op == "call_module" and getattr(capture.gm.get_submodule(node.target), "inplace", False) is True)
-    )
-    return inplace and any(len(i.users) > 1 for i in node.all_input_nodes)
-
-
-def _run_node(capture, node: fx.Node, env) -> object:
-    """_call_node, with the inputs of an in-place op copied first when other nodes read them too."""
-    if _mutates_shared_input(capture, node):
+def _run_node(capture, node: fx.Node, env, keep_inputs: bool = False) -> object:
+    """_call_node; an in-place op gets copies of its inputs when other nodes read them too, or always with
+    `keep_inputs` (materialization: every stored activation must keep its clean value)."""
+    if is_inplace(capture.gm, node) and (keep_inputs or any(len(i.users) > 1 for i in node.all_input_nodes)):
         env = {i: env[i].clone() if isinstance(env[i], torch.Tensor) else env[i] for i in node.all_input_nodes}
     return _call_node(capture.gm, node, env)
 
@@ -91,7 +77,7 @@ def run_graph(capture, image: torch.Tensor) -> dict[fx.Node, object]:
         elif node.op == "output":
             env[node] = fx.node.map_arg(node.args[0], lambda n: env[n])
         else:
-            env[node] = _run_node(capture, node, env)
+            env[node] = _run_node(capture, node, env, keep_inputs=True)
     return env
 
 

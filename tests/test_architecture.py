@@ -225,3 +225,33 @@ def test_untraceable_models_say_so():
     assert (exp.heatmap - ref).abs().max().item() <= 1e-9
     assert model not in _ONE_SHOT  # its fallback graph holds the model: not cached
     assert isinstance(krypton.Explainer(model).capture.gm.graph, fx.Graph)
+
+
+class InplaceNet(nn.Module):
+    """In-place ops whose mutation later nodes rely on (fx records `head(y)` after `y.add_(z)`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.b = nn.Conv2d(3, 4, 5, padding=2)
+        self.c = nn.Conv2d(4, 4, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+    def forward(self, x):
+        y = self.a(x)
+        y.add_(self.b(x))  # y's clean value is stitched from (its region is smaller than the sum's)
+        z = self.c(y)
+        z.mul_(0.5)
+        self.relu(z)  # result unused: only the mutation of z matters
+        return self.head(torch.cat([y, z], 1))
+
+
+def test_in_place_ops_keep_their_semantics_and_the_stored_values():
+    torch.manual_seed(0)
+    model = InplaceNet().double().eval()
+    image = torch.randn(3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    exp = krypton.Explainer(model).explain(image, patch_size=3, stride=2)
+    ref = occlusion_oracle(model, image, 3, 2, 0.0, exp.label)
+    assert exp.probability == pytest.approx(ref.probability, abs=1e-12)
+    assert (exp.heatmap - ref.heatmap).abs().max().item() <= 1e-9
