@@ -369,6 +369,9 @@ class FakeMetrics:
     def add_metric(self, name, value, unit, idx=None, dimensions=None, metric_type=None):
         self.calls.append((name, value, unit, idx, metric_type))
 
+    def add_time(self, name, value, idx=None, unit="ms"):  # BaseHandler.handle's HandlerTime
+        self.calls.append((name, value, unit, idx, None))
+
 
 TINY_CFG = {
     "handler": {"arch": "tinynet", "seed": 0, "cache_bytes": 64 * 2**20,
@@ -670,3 +673,41 @@ def test_segments_overlay_outlines_and_colours():
     out = seg.overlay(view, labels, np.array([0.5, 1.0]), 1.0)  # segment 0 a strong drop, 1 none
     assert (out[:, 3] == 255).all() and (out[:, 4] == 255).all()  # the inner boundaries of both
     assert out[0, 0, 0] > out[0, 0, 2] and out[0, 7, 2] > out[0, 7, 0]  # red where it drops, blue where not
+
+
+def test_mixin_named_fills_without_a_normalization_are_400s(tmp_path):
+    """A user's handler whose preprocess normalizes in a way the mixin cannot see: named fills are refused
+    with a 400 that says how to declare the normalization; numeric fills work."""
+    from ts.context import Context
+    from ts.torch_handler.base_handler import BaseHandler
+
+    from krypton.torchserve import KryptonExplainMixin
+
+    class NoNormHandler(KryptonExplainMixin, BaseHandler):
+        def preprocess(self, data):
+            xs = []
+            for row in data:
+                im = Image.open(io.BytesIO(bytes(row.get("data") or row.get("body")))).convert("RGB")
+                a = np.asarray(im.resize((32, 32)), dtype=np.float32) / 127.5 - 1.0
+                xs.append(torch.from_numpy(a).permute(2, 0, 1))
+            return torch.stack(xs)
+
+    (tmp_path / "model.py").write_text(TINY_MODEL)
+    sys.path.insert(0, str(tmp_path))
+    sys.modules.pop("model", None)
+    try:
+        manifest = {"model": {"modelName": "nonorm", "modelFile": "model.py", "handler": "h.py"}}
+        cfg = {"handler": {"limits": {"max_positions": 200}, "defaults": {"patch_size": 8, "stride": 8}}}
+        ctx = Context("nonorm", str(tmp_path), manifest, 1, None, "0.12.0", True, FakeMetrics(), cfg)
+        h = NoNormHandler()
+        h.initialize(ctx)
+        img = bytearray(image_bytes(48, 40, seed=3))
+        [(status, ctype, body)] = run(h, ctx, [({"body": img}, {"explain": "True"})])
+        err = json.loads(body)
+        assert (status, ctype, err["parameter"]) == (400, "application/json", "fill"), body
+        assert "krypton_normalize" in err["message"]
+        [(status, _, body)] = run(h, ctx, [({"body": img}, {"explain": "True", "X-Krypton-Fill": "0"})])
+        assert status == 200 and json.loads(body)["positions"] == 16, body
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("model", None)
