@@ -332,7 +332,7 @@ class Explainer:
         return walk
 
     def num_classes(self, input_shape) -> int | None:
-        """The model's number of outputs for an input shape (from shapes alone: no inference)."""
+        """The model's number of outputs for an input shape (one zero-image run per shape, cached)."""
         shapes = propagate_shapes(self.capture, tuple(input_shape), self.dtype)
         out = next((n for n in self.capture.nodes if n.op == "output"), None)
         arg = out.args[0] if out is not None else None
@@ -649,7 +649,7 @@ class SpeedupEstimate:
 
 def estimate_speedup(model: nn.Module, input_shape, patch_size: int = 16, stride: int = 4,
                      tau: float = 1.0) -> SpeedupEstimate:
-    """Theoretical speedup (conv multiply-adds, patch at the centre) without running inference."""
+    """Theoretical speedup (conv multiply-adds, patch at the centre); no occlusion is run."""
     shape = tuple(input_shape)
     if len(shape) == 3:
         shape = (1,) + shape

@@ -1,4 +1,4 @@
-"""Print the theoretical speedups of the default models as a Markdown table (no inference is run).
+"""Print the theoretical speedups of the default models as a Markdown table (no occlusion is run).
 
     .venv/bin/python scripts/speedup_table.py [--patch 16] [--stride 4] [--tau 1.0]
 
