@@ -261,7 +261,7 @@ class KryptonExplainMixin:
         try:
             t_img = obe_guard.time_forward(self.model, shape, self.device)
             speedup = 1.0 if self.fallback_reason else \
-                krypton.estimate_speedup(self.model, shape, d.patch_size, d.stride).speedup
+                self.explainer.estimate(shape, d.patch_size, d.stride).theoretical_speedup()
         except Exception:  # no estimate: the budget is then learned from the first explanations
             logger.warning("model %s: time estimate failed", self.model_name, exc_info=True)
             return
