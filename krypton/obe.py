@@ -537,14 +537,15 @@ class Explainer:
         stage1 = first.explanation
         fine_shape = geo.grid_shape(h, w, p, dd.s2)
         coarse = approx.coarse_to_fine(stage1.heatmap.double().numpy(), dd.s1, fine_shape, dd.s2)
-        mask = approx.select_refined(coarse, stage1.probability, dd.r)
+        known = approx.stage1_cells(fine_shape, dd.s1, dd.s2, tuple(stage1.heatmap.shape))
+        mask = approx.select_refined(coarse, stage1.probability, dd.r, known)
         cells = np.argwhere(mask)  # row-major
         t1 = time.perf_counter()
         tau_speedup = self._tau_speedup(shape, opts, dd.s2)
         report = {**opts.approximation, "estimated_speedup": dd.estimated_speedup * tau_speedup,
                   "tau_speedup": tau_speedup, "drilldown_speedup": dd.estimated_speedup}
         info = {**dd.to_dict(), "positions": {"stage1": stage1.positions, "stage2": int(len(cells)),
-                                              "full": int(mask.size)},
+                                              "full": int(mask.size), "exact_from_stage1": int(known.sum())},
                 "stage1_heatmap": stage1.heatmap.tolist(),
                 "position_speedup": mask.size / (stage1.positions + len(cells)),
                 # with S1 > P the stage-1 patches leave gaps: a region there cannot show a drop in stage 1

@@ -89,11 +89,14 @@ def test_eq29_defaults_and_eq28_estimate():
     # S1 = sqrt(3 / (1 - 0.25 * 3)) * 4 = 13.86 -> 16 (up to a multiple of S2); eq. 28: 256 / (16 + 64) = 3.2
     assert (dd.r, dd.s1, dd.s2, dd.target_speedup, dd.s1_source) == (0.25, 16, 4, 3.0, "eq29")
     assert dd.estimated_speedup == pytest.approx(3.2)
-    # S2 = 8: 27.7 -> 32; a target that lands exactly on a multiple keeps it (t = 2, r = 0.25: S1 = 2 S2).
-    assert approx.resolve_drilldown({}, 224, 224, 16, 8).s1 == 32
-    assert approx.resolve_drilldown({"target_speedup": 2.0}, 224, 224, 16, 8).s1 == 16
+    # S2 = 8: 27.7 -> 32, capped at P = 16 so that stage 1 still occludes every pixel (no blind strips).
+    assert approx.resolve_drilldown({}, 224, 224, 16, 8).s1 == 16
+    assert approx.resolve_drilldown({"target_speedup": 1.5}, 224, 224, 32, 8).s1 == 16  # exactly 2 S2 stays
+    assert approx.resolve_drilldown({"target_speedup": 3.0}, 224, 224, 64, 8).s1 == 32  # 27.7 -> 32 <= P
     # Past the image side: the largest multiple of S2 that fits (eq. 28 then falls short of the target).
-    assert approx.resolve_drilldown({"target_speedup": 3.4}, 24, 30, 8, 5).s1 == 20  # 23.8 -> 25 > 24
+    assert approx.resolve_drilldown({"target_speedup": 3.4}, 24, 30, 24, 5).s1 == 20  # 23.8 -> 25 > 24
+    # P < S2: stage 1 at S2 itself (the full grid already leaves strips)
+    assert approx.resolve_drilldown({}, 64, 64, 4, 8).s1 == 8
     assert approx.s1_for_speedup(0.25, 3.0, 4) == pytest.approx(math.sqrt(12) * 4)
     assert approx.resolve_drilldown({"r": 0.5, "s1": 8}, 64, 64, 8, 4).estimated_speedup == pytest.approx(64 / 48)
     assert approx.resolve_drilldown(None, 64, 64, 8, 4) is None
@@ -151,6 +154,19 @@ def test_select_refined_takes_the_largest_drops_with_stable_ties():
     mask = approx.select_refined(values, 0.95, 0.2)  # ceil(1.2) = 2
     assert mask.sum() == 2 and mask[0, 1] and mask[1, 0]
     assert approx.select_refined(values, 0.95, 1.0).all()
+    known = np.array([[False, True, False], [False, False, False]])  # 0.1 at (0, 1) is already exact
+    mask = approx.select_refined(values, 0.95, 0.5, known)
+    assert mask.tolist() == [[False, False, True], [True, False, True]]  # 0.1, 0.3, then 0.5 < 0.7
+    assert approx.select_refined(values, 0.95, 1.0, known).sum() == 5
+
+
+def test_stage1_cells_are_the_coinciding_corners_inside_the_stage1_grid():
+    cells = approx.stage1_cells((7, 5), 4, 2, (3, 2))  # corners 0, 4, 8 (rows) and 0, 4 (cols) of stage 1
+    want = np.zeros((7, 5), dtype=bool)
+    want[np.ix_([0, 2, 4], [0, 2])] = True
+    assert np.array_equal(cells, want)
+    assert approx.stage1_cells((4, 4), 3, 2, (3, 3))[np.ix_([0, 3], [0, 3])].all()  # lcm(2, 3) = 6
+    assert approx.stage1_cells((4, 4), 3, 2, (3, 3)).sum() == 4
 
 
 def test_drilldown_with_r_one_equals_the_full_map_bit_for_bit(branchy):
@@ -162,8 +178,11 @@ def test_drilldown_with_r_one_equals_the_full_map_bit_for_bit(branchy):
         full_tau = explainer.explain(image, patch_size=4, stride=2, tau=tau)
         dd = explainer.explain(image, patch_size=4, stride=2, tau=tau, drilldown={"r": 1.0, "s1": 6})
         assert torch.equal(dd.heatmap, full_tau.heatmap), tau
-        assert krypton.refined_mask(dd).all()
-        assert dd.extra["drilldown"]["positions"]["stage2"] == full.heatmap.numel()
+        assert krypton.refined_mask(dd, with_stage1=True).all()
+        positions = dd.extra["drilldown"]["positions"]
+        # stage-1 corners (every third stage-2 corner on each axis) are not run again
+        assert positions["exact_from_stage1"] == math.ceil(full.heatmap.shape[0] / 3) * math.ceil(full.heatmap.shape[1] / 3)
+        assert positions["stage2"] == full.heatmap.numel() - positions["exact_from_stage1"]
 
 
 def test_drilldown_refines_exactly_the_top_r_cells_and_merges(net):
@@ -180,14 +199,19 @@ def test_drilldown_refines_exactly_the_top_r_cells_and_merges(net):
     coarse = approx.coarse_to_fine(stage1.heatmap.double().numpy(), 5, fine_shape, 2)
     k = math.ceil(0.2 * coarse.size)
     drops = stage1.probability - coarse.ravel()
-    order = sorted(range(coarse.size), key=lambda i: (-drops[i], i))
+    # stage-2 corners 2i that are stage-1 corners 5a (0, 10, 20, ...) hold exact values: never re-run
+    corner = [(2 * i) % 5 == 0 and 2 * i // 5 < stage1.heatmap.shape[0] for i in range(fine_shape[0])]
+    corner_x = [(2 * j) % 5 == 0 and 2 * j // 5 < stage1.heatmap.shape[1] for j in range(fine_shape[1])]
+    candidates = [i for i in range(coarse.size) if not (corner[i // fine_shape[1]] and corner_x[i % fine_shape[1]])]
+    order = sorted(candidates, key=lambda i: (-drops[i], i))
     want = np.zeros(coarse.size, dtype=bool)
     want[order[:k]] = True
     mask = krypton.refined_mask(dd).numpy()
     assert mask.sum() == k and np.array_equal(mask.ravel(), want)
 
     info = dd.extra["drilldown"]
-    assert info["positions"] == {"stage1": stage1.positions, "stage2": k, "full": coarse.size}
+    assert info["positions"] == {"stage1": stage1.positions, "stage2": k, "full": coarse.size,
+                                 "exact_from_stage1": coarse.size - len(candidates)}
     assert info["stage2_cache"] == "hit" and info["s1"] == 5 and info["s1_source"] == "given"
     refined = np.array(info["refined"])
     exact = explainer.explain(image, patch_size=6, stride=2, origins=refined * 2)
@@ -202,6 +226,25 @@ def test_drilldown_refines_exactly_the_top_r_cells_and_merges(net):
     assert np.allclose(events[0][1].heatmap.double().numpy(), coarse, atol=1e-6)
 
 
+def test_simulated_drilldown_equals_the_engine(branchy):
+    """Tuning scores drill-down settings from full maps (approx.simulate): it must be what the engine returns."""
+    image = torch.randn(3, 36, 34, generator=torch.Generator().manual_seed(6))
+    explainer = krypton.Explainer(branchy)
+    for tau in (1.0, 0.6):
+        full = explainer.explain(image, patch_size=6, stride=2, tau=tau)
+        for s1, r in ((4, 0.1), (6, 0.3), (2, 0.5)):
+            dd = explainer.explain(image, patch_size=6, stride=2, tau=tau, drilldown={"r": r, "s1": s1})
+            merged, refined, exact = approx.simulate(full.heatmap.numpy(), full.probability, s1, 2, r)
+            assert np.array_equal(refined, krypton.refined_mask(dd).numpy()), (tau, s1, r)
+            assert np.array_equal(exact, krypton.refined_mask(dd, with_stage1=True).numpy())
+            assert np.allclose(merged, dd.heatmap.double().numpy(), rtol=0, atol=1e-6), (tau, s1, r)
+            # the paper's rule ranks the corners too: never more exact cells at the same cost
+            _, _, paper = approx.simulate(full.heatmap.numpy(), full.probability, s1, 2, r, paper_rule=True)
+            assert paper.sum() <= exact.sum()
+    with pytest.raises(ValueError, match="multiple"):
+        approx.simulate(full.heatmap.numpy(), full.probability, 5, 2, 0.2)
+
+
 def test_drilldown_response_is_json_and_reports_what_was_used(branchy):
     model = branchy
     image = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(5))
@@ -209,7 +252,7 @@ def test_drilldown_response_is_json_and_reports_what_was_used(branchy):
     body = json.loads(json.dumps(exp.to_dict()))
     dd = body["drilldown"]
     assert dd["r"] == 0.3 and dd["target_speedup"] == 2.0 and dd["s1_source"] == "eq29"
-    assert dd["s1"] == 2 * math.ceil(math.sqrt(2.0 / 0.4))  # eq. 29: 4.47 -> 6, a multiple of S2 = 2
+    assert dd["s1"] == 4  # eq. 29: 4.47 -> 6, a multiple of S2 = 2, capped at P = 4 (no blind strips)
     assert dd["estimated_speedup"] == pytest.approx(approx.drilldown_speedup(dd["s1"], 2, 0.3))
     assert len(dd["refined"]) == dd["positions"]["stage2"] == math.ceil(0.3 * exp.heatmap.numel())
     assert body["approximation"]["tau"] == 1.0 and body["approximation"]["estimated_speedup"] > 1
