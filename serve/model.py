@@ -1,4 +1,4 @@
-"""TorchServe model file shared by the default archives (vgg16, resnet18, inception_v3, efficientnet_lite0).
+"""TorchServe model file shared by the default archives (vgg16, resnet18, inception_v3, efficientnet_lite0/1/2).
 
 TorchServe builds the one nn.Module class defined here with no arguments and then, if the archive has
 a serialized file, loads that state_dict into it. Which architecture to build comes from

