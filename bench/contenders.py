@@ -267,10 +267,11 @@ def drilldown_options(r: float, target: float) -> dict:
     return {"drilldown": {"r": r, "target_speedup": target}}
 
 
-def tuned_tau(model_name: str, target_ssim: float = 0.9) -> tuple[float, str]:
-    """(tau, source) for `target_ssim`: a tuned file in krypton/tuned/, else the paper's tau, else the default."""
-    tuning = krypton.tuning_for(model_name)
-    return float(tuning.tau_for(target_ssim)), f"{tuning.source} tau"
+def tuned_tau(model_name: str, stride: int, patch_size: int, target_ssim: float = 0.9) -> tuple[float, str]:
+    """(tau, source) of the configuration tuned for `target_ssim` (krypton/tuned/; else the paper's or the
+    default tau, with no quality promise)."""
+    report = krypton.tuning_for(model_name).describe(target_ssim, stride, patch_size)
+    return float(report["tau"]), f"{report['tau_source']} tau"
 
 
 def prepare_explainer(case: Case, taus) -> dict:

@@ -2,7 +2,8 @@
 
 The Python API, the TorchServe handler and the benchmarks all pass their options through here, so one
 set of rules decides what is allowed: ranges, combinations (naive re-inference has no approximations;
-mode="exact" forbids them), named fills, the tau a target SSIM stands for and the drill-down stages.
+mode="exact" forbids them), named fills, the configuration (precision, tau, drill-down) a target SSIM
+stands for and the drill-down stages.
 Every refusal is an `OptionError` naming the parameter, the value and the allowed range, raised before
 any work that scales with the request.
 """
@@ -21,14 +22,16 @@ from .tuning import DEFAULT_TARGET_SSIM, check_target_ssim
 
 METHODS = ("incremental", "naive")
 MODES = ("exact", "approximate")
+PRECISIONS = ("float32", "bf16", "fp16")
 NAMED_FILLS = {"black": 0.0, "gray": 0.5, "grey": 0.5}  # on [0, 1] RGB, before normalization
 DEFAULT_MEMORY_BUDGET = 1 << 30
 
 
 @dataclass(frozen=True)
 class ExplainOptions:
-    """Resolved options of one run. `approximation` is the report of how tau / drill-down were chosen
-    (None for a plain exact run); `drilldown` the resolved stages (None: off)."""
+    """Resolved options of one run. `approximation` is the report of how precision / tau / drill-down
+    were chosen (None for a plain exact run); `drilldown` the resolved stages (None: off); `precision`
+    the dtype of the occluded runs (the clean run, its label and probability are always float32)."""
 
     patch_size: int
     stride: int
@@ -41,6 +44,7 @@ class ExplainOptions:
     origins: np.ndarray | None
     drilldown: DrillDown | None
     approximation: dict | None
+    precision: str = "float32"
 
     def stage(self, **changes) -> "ExplainOptions":
         """The same options for one stage of a drill-down (other stride, origins or target)."""
@@ -102,55 +106,61 @@ def checked_origins(origins, height: int, width: int, patch_size: int) -> np.nda
     return array
 
 
-def _mode_and_tau(tau, target_ssim, drilldown, mode, tuning: Callable) -> tuple[float, dict | None, object]:
-    """(tau, approximation report or None, drill-down request) from tau / target_ssim / drilldown / mode.
+def _approximation(tau, target_ssim, drilldown, precision, mode, stride: int, patch_size: int,
+                   tuning: Callable) -> tuple[float, str, object, dict | None]:
+    """(tau, precision, drill-down request, approximation report or None) from the request.
 
-    - mode="exact": tau 1, no drill-down; an explicit tau < 1, target_ssim or drilldown is an error.
-    - mode="approximate": the given tau if < 1, else the model's tuned tau for target_ssim (default 0.9);
-      drill-down with its defaults unless `drilldown` says otherwise (False: off).
-    - no mode: tau as given (1.0 = exact) or from target_ssim; drill-down only if asked for.
+    - mode="exact": nothing approximate; an explicit tau < 1, target_ssim, drilldown or precision other
+      than float32 is an error naming it.
+    - target_ssim, or mode="approximate" with no explicit tau / drilldown / precision: the whole
+      configuration comes from the model's tuning (krypton/tuning.py; target 0.9 for the mode), and the
+      report carries its expected SSIM and speedup. drilldown=False limits the choice to configurations
+      without drill-down; target_ssim with an explicit tau, drilldown or precision is an error.
+    - otherwise the explicit knobs are used as given (the report says so: no quality is promised).
     """
     if mode is not None and mode not in MODES:
         raise OptionError("mode", mode, " | ".join(MODES), "is not allowed")
     if not _is_number(tau) or not 0.0 < tau <= 1.0:
         raise OptionError("tau", tau, "(0, 1] (1 = exact)")
+    if precision not in PRECISIONS:
+        raise OptionError("precision", precision, " | ".join(PRECISIONS), "is not allowed")
     tau = float(tau)
     if target_ssim is not None:
         target_ssim = check_target_ssim(target_ssim)
     asked = drilldown not in (None, False)
+    given = [(name, value) for name, value, on in (("tau", tau, tau < 1.0), ("drilldown", drilldown, asked),
+                                                   ("precision", precision, precision != "float32")) if on]
     if mode == "exact":
-        for name, value, bad in (("tau", tau, tau < 1.0), ("target_ssim", target_ssim, target_ssim is not None),
-                                 ("drilldown", drilldown, asked)):
-            if bad:
-                raise OptionError(name, value, "nothing but the defaults with mode=exact (tau 1, no drill-down)",
-                                  "contradicts mode='exact'")
-        return 1.0, {"mode": "exact", "tau": 1.0, "tau_source": "exact"}, None
-    if target_ssim is not None and tau < 1.0:
-        raise OptionError("target_ssim", target_ssim, "either tau or target_ssim, not both",
-                          f"conflicts with tau={tau:g}")
-    if mode is None and tau == 1.0 and target_ssim is None and not asked:
-        return 1.0, None, None  # a plain exact run
-    report = {"mode": "approximate" if mode == "approximate" or tau < 1.0 or target_ssim is not None or asked
-              else "exact"}
-    if tau < 1.0:
-        report.update(tau=tau, tau_source="given")
-    elif target_ssim is not None or mode == "approximate":
-        report.update(tuning().describe(DEFAULT_TARGET_SSIM if target_ssim is None else target_ssim))
-        tau = report["tau"]
-    else:
-        report.update(tau=1.0, tau_source="exact")
-    if mode == "approximate" and drilldown is None:
-        drilldown = True
-    return tau, report, drilldown
+        for name, value in given + ([("target_ssim", target_ssim)] if target_ssim is not None else []):
+            raise OptionError(name, value, "nothing but the defaults with mode=exact (float32, tau 1, no "
+                              "drill-down)", "contradicts mode='exact'")
+        return 1.0, "float32", None, {"mode": "exact", "tau": 1.0, "tau_source": "exact", "precision": "float32"}
+    if target_ssim is not None and given:
+        name, value = given[0]
+        raise OptionError("target_ssim", target_ssim, f"either target_ssim or an explicit {name}, not both (the "
+                          "target chooses the whole configuration)", f"conflicts with {name}={value!r}")
+    if target_ssim is not None or (mode == "approximate" and not given):
+        report = {"mode": "approximate", **tuning().describe(
+            DEFAULT_TARGET_SSIM if target_ssim is None else target_ssim, stride, patch_size, drilldown is not False)}
+        config = report["configuration"]
+        dd = config["drilldown"]
+        request = None if dd is None else {"s1": dd["s1_factor"] * stride, "r": dd["r"]}
+        report["precision"] = config["precision"]
+        return config["tau"], config["precision"], request, report
+    if not given:
+        return 1.0, "float32", None, None  # a plain exact run (mode=None, or drilldown=False alone)
+    report = {"mode": "approximate", "tau": tau, "tau_source": "given" if tau < 1.0 else "exact",
+              "precision": precision, "configuration_source": "given", "expected_ssim": None}
+    return tau, precision, drilldown, report
 
 
 def resolve(image_shape, classes: int | None, tuning: Callable, *, patch_size=16, stride=4, fill=0.0,
             normalize=None, target=None, batch_size=None, method="incremental", memory_budget=None, tau=1.0,
-            origins=None, target_ssim=None, drilldown=None, mode=None) -> ExplainOptions:
+            origins=None, target_ssim=None, drilldown=None, mode=None, precision="float32") -> ExplainOptions:
     """Validate and resolve the options of Explainer.explain for an image of `image_shape` (1, C, H, W).
 
     `classes` is the model's number of outputs (for `target`), `tuning()` gives the model's Tuning (only
-    called when a target SSIM has to be turned into a tau).
+    called when a target SSIM has to be turned into a configuration).
     """
     _, channels, height, width = image_shape
     geo.grid_shape(height, width, patch_size, stride)
@@ -165,10 +175,13 @@ def resolve(image_shape, classes: int | None, tuning: Callable, *, patch_size=16
     if not _is_int(budget) or budget <= 0:
         raise OptionError("memory_budget", memory_budget, "a positive number of bytes")
     values = fill_values(fill, channels, normalize)
-    tau, report, dd_request = _mode_and_tau(tau, target_ssim, drilldown, mode, tuning)
-    if method == "naive" and report is not None and report["mode"] == "approximate":
-        # name the approximation that was asked for explicitly, else the method
-        parameter, value = ("tau", tau) if 0.0 < tau < 1.0 and report.get("tau_source") == "given" else ("method", method)
+    tau, precision, dd_request, report = _approximation(tau, target_ssim, drilldown, precision, mode, stride,
+                                                        patch_size, tuning)
+    if method == "naive" and report is not None and (tau < 1.0 or dd_request not in (None, False)
+                                                     or target_ssim is not None or mode == "approximate"):
+        # name the approximation that was asked for explicitly, else the method (precision is allowed:
+        # naive re-inference in bf16 is the baseline of a bf16 incremental run)
+        parameter, value = ("tau", tau) if report.get("tau_source") == "given" else ("method", method)
         raise OptionError(parameter, value, "method=incremental with tau < 1, target_ssim, drilldown or "
                           "mode=approximate (they approximate the incremental method)", "conflicts with method='naive'")
     if origins is not None:
@@ -180,4 +193,5 @@ def resolve(image_shape, classes: int | None, tuning: Callable, *, patch_size=16
     return ExplainOptions(patch_size=int(patch_size), stride=int(stride), fill=values,
                           target=None if target is None else int(target),
                           batch_size=None if batch_size is None else int(batch_size), method=method,
-                          memory_budget=int(budget), tau=tau, origins=origins, drilldown=dd, approximation=report)
+                          memory_budget=int(budget), tau=tau, origins=origins, drilldown=dd, approximation=report,
+                          precision=precision)

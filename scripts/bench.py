@@ -161,7 +161,7 @@ def bench_model(args, name, model, preprocess_cfg, images, meter, pretrained) ->
     # Plans are cached across runs and images (as in a server); the activation cache is emptied before
     # every timed run (contenders.clear_activation_cache), so each run pays for its clean pass.
     explainer = krypton.Explainer(model)
-    tuned, tuned_src = C.tuned_tau(name)
+    tuned, tuned_src = C.tuned_tau(name, args.stride, args.patch)
     taus = sorted(set(args.taus + ([tuned] if tuned else [])), reverse=True)
     rng = np.random.default_rng(args.seed)
     info = {"pretrained": pretrained, "input": images[0][1].shape[-1], "tuned_tau": tuned,

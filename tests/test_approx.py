@@ -245,6 +245,19 @@ def test_simulated_drilldown_equals_the_engine(branchy):
         approx.simulate(full.heatmap.numpy(), full.probability, 5, 2, 0.2)
 
 
+def test_default_drilldown_leaves_no_blind_strips(branchy):
+    """At the defaults stage 1 occludes every pixel (S1 <= P), also where eq. 29 alone would pick S1 > P."""
+    image = torch.randn(3, 40, 40, generator=torch.Generator().manual_seed(8))
+    exp = krypton.Explainer(branchy).explain(image, patch_size=4, stride=2, drilldown=True)
+    info = exp.extra["drilldown"]
+    assert info["s1"] == 4 and info["stage1_covers_image"]  # eq. 29: 6.9 -> 8 > P = 4
+    covered = np.zeros((40, 40), dtype=bool)
+    for a in range(len(info["stage1_heatmap"])):
+        for b in range(len(info["stage1_heatmap"][0])):
+            covered[a * info["s1"]:a * info["s1"] + 4, b * info["s1"]:b * info["s1"] + 4] = True
+    assert covered.all()
+
+
 def test_drilldown_response_is_json_and_reports_what_was_used(branchy):
     model = branchy
     image = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(5))
@@ -277,14 +290,15 @@ class _Named(torch.nn.Module):
         return self.inner(x)
 
 
-def test_approximate_mode_uses_paper_taus_for_untuned_architectures(net):
+def test_approximate_mode_uses_paper_taus_for_untuned_architectures_and_promises_nothing(net):
     image = torch.randn(3, 24, 24, generator=torch.Generator().manual_seed(6))
     for name, tau, source in (("vgg16", 0.5, "paper"), ("resnet18", 0.7, "paper"), ("inception_v3", 0.9, "paper"),
                               ("mystery", 0.9, "default")):
         exp = krypton.Explainer(_Named(name, net("strided"))).explain(image, patch_size=4, stride=2, mode="approximate")
         report = exp.extra["approximation"]
         assert (exp.tau, report["tau_source"], report["mode"]) == (tau, source, "approximate"), name
-        assert exp.extra["drilldown"]["r"] == 0.25 and exp.extra["drilldown"]["target_speedup"] == 3.0
+        assert report["expected_ssim"] is None and "no tuning on real weights" in report["quality"]
+        assert "drilldown" not in exp.extra and exp.precision == "float32"
     exp = krypton.Explainer(_Named("vgg16", net("strided"))).explain(image, patch_size=4, stride=2, target_ssim=0.95)
     assert exp.tau == 1.0 and "drilldown" not in exp.extra  # no data above the paper's 0.9: exact
 
@@ -296,6 +310,10 @@ def test_mode_conflicts_are_value_errors(branchy):
                              ({"mode": "exact", "drilldown": True}, "drilldown=True contradicts"),
                              ({"mode": "fast"}, "mode='fast' is not allowed"),
                              ({"tau": 0.5, "target_ssim": 0.9}, "not both"),
+                             ({"drilldown": True, "target_ssim": 0.9}, "conflicts with drilldown=True"),
+                             ({"precision": "bf16", "target_ssim": 0.9}, "conflicts with precision='bf16'"),
+                             ({"precision": "bf16", "mode": "exact"}, "precision='bf16' contradicts"),
+                             ({"precision": "int8"}, "precision='int8' is not allowed"),
                              ({"target_ssim": 1.5}, r"target_ssim=1.5 is out of range: allowed \(0, 1\]"),
                              ({"target_ssim": 0.0}, "target_ssim=0.0")):
         with pytest.raises(ValueError, match=message):
@@ -324,70 +342,94 @@ def test_ssim_is_skimage_with_the_documented_settings():
         krypton.heatmap_ssim(np.zeros((2, 5)), np.zeros((2, 5)))
 
 
-def _synthetic(taus, curve):
-    ssim = {f"img{i}": [curve(t) + d for t in taus] for i, d in enumerate((-0.01, 0.0, 0.01))}
-    return tuning.Tuning("m", "tuned", list(taus), ssim, tuning.fit(taus, list(ssim.values())))
+def _result(config, ssims, speedups):
+    return tuning.Result(config, {f"img{i}": v for i, v in enumerate(ssims)},
+                         {f"img{i}": v for i, v in enumerate(speedups)})
 
 
-def test_fit_and_lookup_rules():
-    taus = list(tuning.TAUS)
-    t = _synthetic(taus, lambda x: 1 - 2.0 * (1 - x) ** 2)  # exactly a parabola: 0.98 at 0.9, 0.5 at 0.5
-    assert t.coefficients == pytest.approx([-2.0, 4.0, -1.0], abs=1e-9)
-    assert t.tau_for(0.9) == 0.8  # 0.92 at 0.8, 0.82 at 0.7
-    assert t.tau_for(0.5) == 0.5 and t.tau_for(0.1) == 0.4  # never below 0.4
-    assert t.tau_for(0.999) == 1.0  # only the exact map meets it
+def _synthetic():
+    bf16, tau8 = tuning.Config("bf16"), tuning.Config(tau=0.8)
+    dd = tuning.Config("bf16", 1.0, (2, 0.1))
+    return tuning.Tuning("m", "tuned", {4: [
+        _result(bf16, [0.97, 0.96, 0.98], [1.9, 2.0, 2.1]),
+        _result(tau8, [0.93, 0.95, 0.92], [1.2, 1.2, 1.3]),
+        _result(dd, [0.91, 0.90, 0.86], [4.0, 4.2, 3.9]),          # mean 0.89: below 0.9
+        _result(tuning.Config("bf16", 1.0, (4, 0.1)), [0.81, 0.81, 0.81], [9.0, 9.0, 9.0]),
+        _result(tuning.Config("bf16", 0.8), [0.95, 0.95, 0.80], [2.5, 2.5, 2.5]),  # one photo 0.15 below
+    ], 8: [_result(bf16, [0.99, 0.99, 0.99], [2.0, 2.0, 2.0])]}, {"patch_size": 16, "photos": ["img0", "img1", "img2"]})
+
+
+def test_choose_takes_the_fastest_configuration_that_meets_the_target_on_every_photo():
+    t = _synthetic()
+    assert t.choose(0.9, 4, 16).config == tuning.Config("bf16")  # 0.89 mean, or a photo at 0.80: out
+    assert t.choose(0.88, 4, 16).config == tuning.Config("bf16", 1.0, (2, 0.1))
+    assert t.choose(0.8, 4, 16).config.drilldown == (4, 0.1)  # 9x: mean 0.81, min 0.81
+    assert t.choose(0.8, 4, 8).config.drilldown == (2, 0.1)  # S1 = 16 > P = 8 would leave blind strips
+    assert t.choose(0.8, 4, 16, drilldown=False).config == tuning.Config("bf16", 0.8)  # drilldown=False
+    assert t.choose(0.99, 4, 16) is None  # only the exact map meets it
+    assert t.choose(0.9, 6, 16).config == tuning.Config("bf16") and t.tuned_stride(6) == 4  # tie: the smaller
+    report = t.describe(0.9, 16, 16)
+    assert report["tuning"]["stride"] == 8 and "nearest" in report["tuning"]["note"]
+    assert report["configuration"] == {"precision": "bf16", "tau": 1.0, "drilldown": None}
+    assert report["expected_ssim"] == 0.99 and report["expected_speedup"] == 2.0 and report["tau_source"] == "tuned"
+    assert t.describe(0.99, 4, 16)["configuration"] == tuning.EXACT.to_dict()
     back = tuning.Tuning.from_json(json.loads(json.dumps(t.to_json())))
-    assert back.tau_for(0.9) == 0.8 and back.coefficients == pytest.approx(t.coefficients)
-    # A measured mean below the target vetoes a tau the fit would allow, and so does any larger tau failing.
-    bumpy = tuning.Tuning("m", "tuned", taus, {"a": [1.0, 0.85, 0.95, 0.95, 0.95, 0.95, 0.95]},
-                          [0.0, 0.0, 0.95])
-    assert bumpy.tau_for(0.9) == 1.0
+    assert back.choose(0.88, 4, 16).config == t.choose(0.88, 4, 16).config
+    assert back.to_json()["choices"]["4"]["0.9"] == "bf16"
     with pytest.raises(ValueError, match="target_ssim"):
-        t.tau_for(2)
+        t.choose(2, 4, 16)
+    front = tuning.pareto_front(t.results[4])
+    assert [r.config for r in front] == [tuning.Config("bf16", 1.0, (4, 0.1)), tuning.Config("bf16", 1.0, (2, 0.1)),
+                                         tuning.Config("bf16", 0.8), tuning.Config("bf16")]
 
 
 def test_tuning_files_are_found_by_name_and_malformed_ones_rejected(tmp_path):
-    _synthetic(list(tuning.TAUS), lambda x: x).save(tmp_path / "mine.json")
+    _synthetic().save(tmp_path / "mine.json")
     found = tuning.tuning_for("mine", directory=tmp_path)
     assert found.source == "tuned" and found.path.endswith("mine.json")
     assert tuning.tuning_for("vgg16", directory=tmp_path).source == "paper"
-    (tmp_path / "bad.json").write_text('{"taus": [1.0], "ssim": {"a": [1.0, 2.0]}, "fit": {"coefficients": [1]}}')
+    (tmp_path / "bad.json").write_text('{"version": 2, "strides": {"4": [{"config": {}, "ssim": {"a": 1}, '
+                                       '"speedup": {}}]}}')
     with pytest.raises(ValueError, match="malformed"):
         tuning.tuning_for("bad", directory=tmp_path)
+    (tmp_path / "old.json").write_text('{"taus": [1.0], "ssim": {}}')
+    with pytest.raises(ValueError, match="rerun scripts/tune.py"):
+        tuning.tuning_for("old", directory=tmp_path)
 
 
-def test_shipped_efficientnet_tuning_meets_its_targets():
-    t = tuning.tuning_for("efficientnet_lite0")
-    if t.source != "tuned":
-        pytest.skip("krypton/tuned/efficientnet_lite0.json is not there")
-    assert t.meta["patch_size"] == 16 and len(t.ssim) >= 3 and t.taus[0] == 1.0
-    for target in (0.8, 0.9):
-        tau = t.tau_for(target)
-        assert tuning.TAU_FLOOR <= tau <= 1.0
-        if tau < 1.0:
-            assert t.measured(tau) >= target and t.fitted(tau) >= target
+@pytest.mark.parametrize("name", ["efficientnet_lite0"])
+def test_shipped_tuning_is_real_and_meets_its_targets_on_its_photos(name):
+    t = tuning.tuning_for(name)
+    assert t.source == "tuned", f"krypton/tuned/{name}.json is missing"
+    assert t.meta["patch_size"] == 16 and len(t.meta["photos"]) >= 5 and set(t.results) == set(tuning.STRIDES)
+    assert t.meta["weights"] == "packaged"
+    for stride in tuning.STRIDES:
+        for target in (0.8, 0.9, 0.95):
+            res = t.choose(target, stride, 16)
+            if res is not None:
+                assert res.mean_ssim >= target and res.min_ssim >= target - tuning.MARGIN
 
 
-def test_tuned_tau_meets_the_target_on_the_tuning_images(product_model, monkeypatch):
-    """Tune EfficientNet-Lite0 (real weights) on two small real photos, then re-measure at the chosen tau."""
+def test_tuned_configuration_meets_the_target_when_rerun(product_model, monkeypatch):
+    """Tune EfficientNet-Lite0 (real weights) on two small real photos, then run the chosen configuration
+    through the engine and re-measure its SSIM: the simulation behind the tuning is what the engine does."""
     model = product_model("efficientnet_lite0")
     pre = krypton.models.PREPROCESS["efficientnet_lite0"]
     images = {name: tuning.preprocess(tuning.load_photo(name), 72, 64, pre["mean"], pre["std"])
               for name in ("chelsea", "coffee")}
     normalize = (pre["mean"], pre["std"])
-    result = tuning.tune(krypton.Explainer(model), "efficientnet_lite0", images, 16, 8, fill="gray",
-                         normalize=normalize)
+    result = tuning.tune(krypton.Explainer(model), "efficientnet_lite0", images, 16, strides=(4, 8), fill="gray",
+                         normalize=normalize, taus=(1.0, 0.8))
     target = 0.8
-    tau = result.tau_for(target)
-    fresh = krypton.Explainer(model)
-    scores = []
-    for image in images.values():
-        exact = fresh.explain(image, patch_size=16, stride=8, fill="gray", normalize=normalize).heatmap
-        approx_map = fresh.explain(image, patch_size=16, stride=8, fill="gray", normalize=normalize, tau=tau).heatmap
-        scores.append(krypton.heatmap_ssim(exact, approx_map))
-    assert np.mean(scores) >= target, (tau, scores)
-    # a model can carry its tuning; mode="approximate" then uses it (undone after: the model is shared)
+    # a model can carry its tuning; target_ssim then uses it (undone after: the model is shared)
     monkeypatch.setattr(model, "krypton_tuning", result, raising=False)
-    exp = krypton.Explainer(model).explain(images["chelsea"], patch_size=16, stride=8, fill="gray",
-                                           normalize=normalize, target_ssim=target)
-    assert exp.tau == tau and exp.extra["approximation"]["tau_source"] == "tuned"
+    fresh = krypton.Explainer(model)
+    chosen = result.choose(target, 4, 16)
+    assert chosen is not None, [(r.config.label(), r.mean_ssim) for r in result.results[4]]
+    for name, image in images.items():
+        exact = fresh.explain(image, patch_size=16, stride=4, fill="gray", normalize=normalize).heatmap
+        exp = fresh.explain(image, patch_size=16, stride=4, fill="gray", normalize=normalize, target_ssim=target)
+        report = exp.extra["approximation"]
+        assert report["configuration"] == chosen.config.to_dict() and report["tau_source"] == "tuned"
+        assert exp.tau == chosen.config.tau and exp.precision == chosen.config.precision
+        assert krypton.heatmap_ssim(exact, exp.heatmap) == pytest.approx(chosen.ssim[name], abs=2e-3)
