@@ -17,6 +17,11 @@ ResNet18 0.7, Inception3 0.9, source "paper": they were tuned on the real ImageN
 randomly initialised builds of those architectures do not have; a tuning file computed on random
 weights would be meaningless) and to tau = 0.9 for any other model (source "default", the most
 conservative of the paper's tuned values).
+
+A low precision (Explainer.explain(precision="bf16")) approximates too: `tune(..., precision="bf16")`
+measures SSIM(tau) of the maps run at that precision against the float32 exact map, stored as
+krypton/tuned/<model>.<precision>.json; `tuning_for(model, precision=...)` prefers that file and falls
+back to the float32 one, and the response names the precision the curve was measured at.
 """
 from __future__ import annotations
 
@@ -146,6 +151,7 @@ class Tuning:
         tau = self.tau_for(target_ssim)
         out = {"tau": tau, "tau_source": self.source, "target_ssim": float(target_ssim), "tuning_model": self.model}
         if self.source == "tuned":
+            out["tuning_precision"] = self.meta.get("precision", "float32")
             out["expected_ssim"] = round(self.fitted(tau), 4) if tau < 1.0 else 1.0
             out["tuning"] = {k: self.meta[k] for k in ("input_size", "patch_size", "stride", "fill")
                              if k in self.meta}
@@ -198,54 +204,59 @@ def load_tuning(path) -> Tuning:
     return Tuning.from_json(data, str(path))
 
 
-def tuning_for(model_or_name, directory=None) -> Tuning:
+def tuning_for(model_or_name, directory=None, precision: str = "float32") -> Tuning:
     """The tuning of a model: krypton/tuned/<name>.json (or $KRYPTON_TUNED_DIR/<name>.json) if it exists,
     else the paper's / the default fallback. `model_or_name` is a name or a model carrying
-    `krypton_name` (set by krypton.models.build_model) or a `krypton_tuning` attribute (a Tuning)."""
+    `krypton_name` (set by krypton.models.build_model) or a `krypton_tuning` attribute (a Tuning).
+    A `precision` other than float32 looks for <name>.<precision>.json first (measured at it)."""
     if isinstance(getattr(model_or_name, "krypton_tuning", None), Tuning):
         return model_or_name.krypton_tuning
     name = model_or_name if isinstance(model_or_name, str) else getattr(model_or_name, "krypton_name", None)
     name = name or "unknown"
     dirs = [Path(d) for d in (directory, os.environ.get("KRYPTON_TUNED_DIR")) if d] + [TUNED_DIR]
-    for d in dirs:
-        candidate = d / f"{name}.json"
-        if candidate.is_file():
-            return load_tuning(candidate)
+    files = ([f"{name}.{precision}.json"] if precision != "float32" else []) + [f"{name}.json"]
+    for file in files:
+        for d in dirs:
+            if (d / file).is_file():
+                return load_tuning(d / file)
     return Tuning(name, "paper" if name in PAPER_TAUS else "default")
 
 
 # ---- measuring --------------------------------------------------------------------------------------
 def measure(explainer, images: dict, patch_size: int, stride: int, fill="gray", normalize=None,
-            taus=TAUS, batch_size=None, log=None) -> tuple[dict, dict]:
-    """SSIM (exact vs tau) per image and tau. Returns ({name: [ssim per tau]}, {name: {tau: seconds}})."""
+            taus=TAUS, batch_size=None, log=None, precision: str = "float32") -> tuple[dict, dict]:
+    """SSIM (the float32 exact map vs tau at `precision`) per image and tau.
+    Returns ({name: [ssim per tau]}, {name: {tau: seconds}})."""
     import time
 
     ssim, seconds = {}, {}
-    order = sorted({float(t) for t in taus} | {1.0}, reverse=True)  # 1.0 first: the reference map
+    order = sorted({float(t) for t in taus} | {1.0}, reverse=True)  # 1.0 first: the reference map at float32
+    options = dict(patch_size=patch_size, stride=stride, fill=fill, normalize=normalize, batch_size=batch_size)
     for name, image in images.items():
         maps, seconds[name] = {}, {}
+        exact = None if precision == "float32" else explainer.explain(image, **options).heatmap
         for tau in order:
             t0 = time.perf_counter()
-            maps[tau] = explainer.explain(image, patch_size=patch_size, stride=stride, fill=fill,
-                                          normalize=normalize, tau=tau, batch_size=batch_size).heatmap
+            maps[tau] = explainer.explain(image, **options, tau=tau, precision=precision).heatmap
             seconds[name][tau] = time.perf_counter() - t0
+            exact = maps[tau] if exact is None else exact
             if log:
-                log(f"{name} tau={tau:.1f} ssim={heatmap_ssim(maps[1.0], maps[tau]):.4f} "
+                log(f"{name} tau={tau:.1f} precision={precision} ssim={heatmap_ssim(exact, maps[tau]):.4f} "
                     f"{seconds[name][tau]:.1f}s")
-        ssim[name] = [heatmap_ssim(maps[1.0], maps[float(t)]) for t in taus]
+        ssim[name] = [heatmap_ssim(exact, maps[float(t)]) for t in taus]
     return ssim, seconds
 
 
 def tune(explainer, model_name: str, images: dict, patch_size: int, stride: int, fill="gray", normalize=None,
-         taus=TAUS, batch_size=None, log=None, extra_meta=None) -> Tuning:
-    """Measure SSIM(tau) on `images` (name -> (C, H, W) tensor), fit it and return the Tuning."""
+         taus=TAUS, batch_size=None, log=None, extra_meta=None, precision: str = "float32") -> Tuning:
+    """Measure SSIM(tau) on `images` (name -> (C, H, W) tensor) at `precision`, fit it and return the Tuning."""
     taus = [float(t) for t in taus]
     if 1.0 not in taus:
         raise ValueError("taus must include 1.0 (the exact heatmap)")
-    ssim, seconds = measure(explainer, images, patch_size, stride, fill, normalize, taus, batch_size, log)
+    ssim, seconds = measure(explainer, images, patch_size, stride, fill, normalize, taus, batch_size, log, precision)
     first = next(iter(images.values()))
     meta = {"input_size": [int(first.shape[-2]), int(first.shape[-1])], "patch_size": patch_size,
-            "stride": stride, "fill": fill,
+            "stride": stride, "fill": fill, "precision": precision,
             "ssim_settings": {"implementation": "skimage.metrics.structural_similarity",
                               "data_range": "max - min over both heatmaps", "win_size": SSIM_WIN_SIZE,
                               "gaussian_weights": False},
