@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Quality and speed of approximate OBE on real weights: EfficientNet-Lite0 on held-out real photos.
 
-For each photo (none of them used for tuning): the exact heatmap (tau = 1), heatmaps at tau = 0.9 ... 0.4
-and drill-down runs; SSIM of each against the exact map (krypton.heatmap_ssim: skimage, data_range =
-max - min over both maps, win_size 7) and wall-clock speedup over the exact run (same Explainer, the
-clean image's activations materialized before timing, grid plans built before timing; drill-down's
+For each photo (none of them used for tuning): the exact heatmap (tau = 1), heatmaps at tau = 0.9 ... 0.4,
+drill-down runs and the grid at a low precision (precision=bf16, tau = 1); SSIM of each against the exact
+map (krypton.heatmap_ssim: skimage, data_range = max - min over both maps, win_size 7) and wall-clock
+speedup over the exact run (same Explainer, the clean image's activations (and their cast copies)
+materialized before timing, grid plans built before timing; drill-down's
 stage-2 plan depends on the image and is built inside the timed call). Also the theoretical speedups of
 VGG16 / ResNet18 / Inception3 at tau = 0.4 against the paper's.
 
@@ -33,6 +34,7 @@ import torch  # noqa: E402
 import krypton  # noqa: E402
 from krypton import approx, tuning  # noqa: E402
 from krypton.models import PREPROCESS, build_model  # noqa: E402
+from krypton.options import PRECISIONS  # noqa: E402
 
 HELD_OUT = ["china", "flower", "camera", "coins", "clock", "hubble_deep_field"]
 PAPER_TAU04 = {"vgg16": (224, 11.4), "resnet18": (224, 7.7), "inception_v3": (299, 8.5)}
@@ -83,6 +85,7 @@ def main(argv=None) -> int:
     ap.add_argument("--patch", type=int, default=16)
     ap.add_argument("--stride", type=int, default=8)
     ap.add_argument("--taus", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    ap.add_argument("--precisions", nargs="*", default=["bf16"], help="low precisions run at tau 1 ('': none)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=1, help="time each run this often, keep the fastest")
     ap.add_argument("--skip-estimates", action="store_true")
@@ -103,7 +106,9 @@ def main(argv=None) -> int:
     tau90 = tuned.tau_for(0.9)
     explainer = krypton.Explainer(model)
     base = dict(patch_size=args.patch, stride=args.stride, fill="gray", normalize=normalize)
+    precisions = [p for p in args.precisions if p]
     configs = [] if args.drilldown_only else [(f"tau={t:g}", dict(tau=t)) for t in args.taus]
+    configs += [] if args.drilldown_only else [(f"precision={p}", dict(precision=p)) for p in precisions]
     configs += [("drill-down r=0.25 t=3, tau=1", dict(drilldown={"r": 0.25, "target_speedup": 3.0})),
                 (f"mode=approximate (tuned tau {tau90:g} + drill-down r=0.25 t=3)", dict(mode="approximate"))]
     result = {"machine": machine(), "command": "python scripts/bench_quality.py " + " ".join(
@@ -127,8 +132,12 @@ def main(argv=None) -> int:
                     s1 = approx.resolve_drilldown({"r": 0.25, "target_speedup": 3.0}, shape[2], shape[3],
                                                   args.patch, args.stride).s1
                     prebuild(explainer, shape, args.patch, s1, dd_tau)
+            for precision in precisions:  # its plans and the converted copy of the model
+                explainer.prepare(shape, args.patch, args.stride, precision=precision)
             first = False
         explainer.materialized(image.unsqueeze(0))
+        for precision in precisions:  # the cast copy of the activations
+            explainer.materialized(image.unsqueeze(0), PRECISIONS[precision])
         exact, t_exact, c_exact = timed(explainer, image, args.repeats, **base)
         row = {"label": exact.label, "probability": exact.probability,
                "exact_seconds": t_exact, "exact_cpu_seconds": c_exact, "heatmap_range": [float(exact.heatmap.min()), float(exact.heatmap.max())],

@@ -3,7 +3,9 @@
 
 Measures SSIM (exact vs approximate heatmap) at tau = 1.0, 0.9, ..., 0.4 on each photo, fits a degree-2
 polynomial and writes krypton/tuned/<model>.json (packed with the package, so model archives get it),
-which Explainer.explain(target_ssim=...) and mode="approximate" read.
+which Explainer.explain(target_ssim=...) and mode="approximate" read. --precision bf16 measures the maps
+run in bf16 against the float32 exact map and writes krypton/tuned/<model>.bf16.json (read for requests
+with precision="bf16").
 
     .venv/bin/python scripts/tune_tau.py --model efficientnet_lite0 \
         --photos chelsea coffee astronaut rocket motorcycle --patch 16 --stride 8 --threads 2
@@ -26,6 +28,7 @@ import torch  # noqa: E402
 import krypton  # noqa: E402
 from krypton import tuning  # noqa: E402
 from krypton.models import PREPROCESS, build_model  # noqa: E402
+from krypton.options import PRECISIONS  # noqa: E402
 
 DEFAULT_PHOTOS = ["chelsea", "coffee", "astronaut", "rocket", "motorcycle"]
 
@@ -40,6 +43,8 @@ def main(argv=None) -> int:
     ap.add_argument("--stride", type=int, default=8)
     ap.add_argument("--fill", default="gray")
     ap.add_argument("--taus", type=float, nargs="+", default=list(tuning.TAUS))
+    ap.add_argument("--precision", default="float32", choices=list(PRECISIONS),
+                    help="precision of the approximate maps (the reference is always float32 exact)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="output JSON (default krypton/tuned/<model>.json)")
     args = ap.parse_args(argv)
@@ -56,12 +61,14 @@ def main(argv=None) -> int:
     result = tuning.tune(
         explainer, args.model, images, args.patch, args.stride, fill=args.fill,
         normalize=(pre["mean"], pre["std"]), taus=args.taus, log=lambda m: print(m, flush=True),
+        precision=args.precision,
         extra_meta={"weights": args.weights or ("packaged" if getattr(model, "krypton_pretrained", False)
                                                 else "random"),
                     "command": "python scripts/tune_tau.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                     "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
                                f"{torch.get_num_threads()} threads"})
-    out = args.out or str(tuning.TUNED_DIR / f"{args.model}.json")
+    suffix = "" if args.precision == "float32" else f".{args.precision}"
+    out = args.out or str(tuning.TUNED_DIR / f"{args.model}{suffix}.json")
     result.save(out)
     print(f"wrote {out} in {time.perf_counter() - t0:.0f}s")
     for t, m, f in zip(result.taus, result.mean_ssim(), result.to_json()["fit"]["fitted"]):
