@@ -27,6 +27,15 @@ class Materialized:
         self.nbytes = sum(_nbytes(v) for v in values.values())
         self._planar: dict[tuple[fx.Node, bool], torch.Tensor] = {}
 
+    def converted(self, capture, dtype: torch.dtype) -> "Materialized":
+        """These activations cast to another floating dtype and keyed by the nodes of `capture` (a converted
+        copy of theirs, capture.Capture.converted): a low-precision run's copy of the clean image."""
+        def cast(value):
+            return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+        values = {capture.node_named(n.name): fx.node.map_aggregate(v, cast) for n, v in self.values.items()}
+        return Materialized(values, self.output.to(dtype))
+
     def planar(self, node: fx.Node, channels_last: bool) -> torch.Tensor:
         """The node's activation as (C, H, W), laid out for the stitch op (HWC when channels_last).
 

@@ -22,7 +22,7 @@ from .capture import Capture
 from .errors import OptionError
 from .execute import BatchRunner, Materialized, constant_content, materialize, tensor_content
 from .grouping import choose_groups
-from .options import DEFAULT_MEMORY_BUDGET, ExplainOptions, resolve
+from .options import DEFAULT_MEMORY_BUDGET, PRECISIONS, ExplainOptions, check_precision, resolve
 from .plan import Plan, Walk, build_plan, propagate_shapes
 from .tuning import tuning_for
 
@@ -53,6 +53,7 @@ class Explanation:
     executed_speedup: float = 1.0  # conv multiply-adds of full inference / those actually executed
     groups: int = 1  # position groups run as separate plans (tighter windows near borders)
     tau: float = 1.0
+    precision: str = "float32"  # what the occluded positions ran in (the clean image: the model's dtype)
     incremental: bool = True  # False: every position ran full inference (method naive, untraceable model)
     fallback_reason: str | None = None  # why it is not incremental, or where the incremental part ends
     extra: dict = field(default_factory=dict)
@@ -88,7 +89,7 @@ class Explanation:
             "heatmap": heatmap.tolist(), "heatmap_shape": list(heatmap.shape), "label": self.label,
             "probability": self.probability, "predicted": self.predicted, "positions": self.positions,
             "patch_size": self.patch_size, "stride": self.stride, "fill": self.fill, "batch_size": self.batch_size,
-            "method": self.method, "tau": self.tau, "incremental": self.incremental,
+            "method": self.method, "tau": self.tau, "precision": self.precision, "incremental": self.incremental,
             "fallback_reason": self.fallback_reason, "timings_ms": self.timings_ms, "memory": self.memory,
             "theoretical_speedup": self.theoretical_speedup, "executed_speedup": self.executed_speedup,
             "groups": self.groups, "cache": self.cache, **self.extra,
@@ -159,10 +160,15 @@ def _as_batch(image: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _image_key(image: torch.Tensor) -> str:
-    data = image.detach().cpu().contiguous()
+    """The hash of a tensor's bytes, shape and dtype (any dtype: numpy sees its bytes, never bf16 values)."""
+    data = image.detach().cpu().contiguous().reshape(-1)
     digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=16)
-    digest.update(f"{tuple(data.shape)}{data.dtype}".encode())
+    digest.update(f"{tuple(image.shape)}{image.dtype}".encode())
     return digest.hexdigest()
+
+
+def _weight_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
 def _fingerprint(model: nn.Module) -> tuple:
@@ -211,6 +217,8 @@ class Explainer:
     entry, so a grid is never half evicted) and `max_plans` plans of explicit positions (drill-down's
     stage 2). `rules` are extra op-kind rules (krypton.rules.Rule), tried before the built-in ones.
     When the model's weights change in place (training, load_state_dict), every cache is dropped.
+    A low `precision` (explain) runs the occluded positions on a converted copy of the traced model (built
+    once per dtype, the model itself untouched) with its own plans and a cast copy of the activations.
     `model` may also be a torch.export ExportedProgram (incremental over its aten graph) or a TorchScript
     module (naive, with fallback_reason "TorchScript model: not traceable by torch.fx"); see formats.py.
     """
@@ -228,7 +236,8 @@ class Explainer:
         self._mats = _LRU(int(cache_bytes), weigh=lambda m: m.nbytes)
         self._groups = _LRU(64)  # keyed by request options (tau is any float): bounded like every cache here
         self._estimates = _LRU(64)
-        self._opaque_bytes: dict = {}  # input shape -> measured per-position bytes of an opaque model
+        self._opaque_bytes: dict = {}  # (input shape, dtype) -> measured per-position bytes of an opaque model
+        self._converted: dict = {}  # dtype -> Capture.converted(dtype): what a low precision runs on
         self._fingerprint = _fingerprint(model)
         self.plan_builds = 0  # plans built so far (cache misses), for tests and logs
         self.memory_models = {"incremental": MemoryModel(), "naive": MemoryModel()}  # see budget.py
@@ -247,39 +256,69 @@ class Explainer:
         fingerprint = _fingerprint(self.model)
         if fingerprint != self._fingerprint:
             self.capture = Capture(self.model, self._rules)
+            self._converted.clear()
             for cache in (self._plans, self._grids, self._mats, self._estimates, self._groups):
                 cache.clear()
             self._fingerprint = fingerprint
 
-    def _build(self, input_shape, patch_size, stride, tau, origins) -> Plan:
-        self.plan_builds += 1
-        return build_plan(self.capture, input_shape, self.dtype, patch_size, stride, tau, origins)
+    def capture_in(self, dtype: torch.dtype | None = None) -> Capture:
+        """The capture that runs positions in `dtype` (None: the model's own): this one, or a converted copy
+        of it (Capture.converted: weights cast, folded batch norms and shapes of its own; built once)."""
+        if dtype is None or dtype == self.dtype:
+            return self.capture
+        if dtype not in self._converted:
+            self._converted[dtype] = self.capture.converted(dtype)
+        return self._converted[dtype]
 
-    def plan(self, input_shape, patch_size: int, stride: int, tau: float = 1.0, origins=None) -> Plan:
-        """The plan of one set of positions run as one group (default: the whole grid); cached."""
+    def _check_precision_runs(self, input_shape, precision: str, dtype: torch.dtype | None) -> None:
+        """A model that cannot run in the requested precision (a TorchScript module or a program with
+        float32 hard-wired, an op without that dtype) is an OptionError naming `precision`, not a crash."""
+        if dtype is None or dtype == self.dtype:
+            return
+        try:
+            propagate_shapes(self.capture_in(dtype), tuple(input_shape), dtype)  # one zero image, cached
+        except Exception as exc:  # noqa: BLE001 - any failure means: not in this precision
+            self._converted.pop(dtype, None)
+            raise OptionError("precision", precision, "float32 for this model", f"does not run: the model fails in "
+                              f"{dtype} ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+    def _build(self, input_shape, patch_size, stride, tau, origins, dtype) -> Plan:
+        self.plan_builds += 1
+        return build_plan(self.capture_in(dtype), input_shape, dtype, patch_size, stride, tau, origins)
+
+    def plan(self, input_shape, patch_size: int, stride: int, tau: float = 1.0, origins=None,
+             dtype: torch.dtype | None = None) -> Plan:
+        """The plan of one set of positions run as one group (default: the whole grid) in `dtype` (None: the
+        model's); cached."""
+        dtype = dtype or self.dtype
         origin_key = None if origins is None else hashlib.blake2b(np.asarray(origins, np.int64).tobytes()).hexdigest()
-        key = (tuple(input_shape), patch_size, stride, float(tau), origin_key)
+        key = (tuple(input_shape), patch_size, stride, float(tau), origin_key, dtype)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._build(input_shape, patch_size, stride, tau, origins)
+            plan = self._build(input_shape, patch_size, stride, tau, origins, dtype)
             self._plans.put(key, plan)
         return plan
 
-    def grid_plans(self, input_shape, patch_size: int, stride: int, tau: float = 1.0) -> list[tuple[np.ndarray, Plan]]:
-        """(position indices, plan) of every position group of the full grid (see groups()); cached."""
-        key = (tuple(input_shape), patch_size, stride, float(tau))
+    def grid_plans(self, input_shape, patch_size: int, stride: int, tau: float = 1.0,
+                   dtype: torch.dtype | None = None) -> list[tuple[np.ndarray, Plan]]:
+        """(position indices, plan) of every position group of the full grid (see groups()) in `dtype`
+        (None: the model's); cached. The groups come from geometry alone: the same in every dtype."""
+        dtype = dtype or self.dtype
+        key = (tuple(input_shape), patch_size, stride, float(tau), dtype)
         plans = self._grids.get(key)
         if plans is None:
             origins = geo.grid_origins(input_shape[2], input_shape[3], patch_size, stride)
-            plans = [(g, self._build(input_shape, patch_size, stride, tau, origins[g]))
+            plans = [(g, self._build(input_shape, patch_size, stride, tau, origins[g], dtype))
                      for g in self.groups(input_shape, patch_size, stride, tau)]
             self._grids.put(key, plans)
         return plans
 
-    def prepare(self, input_shape, patch_size: int, stride: int, tau: float = 1.0) -> None:
+    def prepare(self, input_shape, patch_size: int, stride: int, tau: float = 1.0, precision: str = "float32") -> None:
         """Build and cache the plans explain() needs for the full grid (e.g. when a server starts)."""
         self._check_model()
-        self.grid_plans(tuple(input_shape), patch_size, stride, tau)
+        dtype = PRECISIONS[check_precision(precision, self.device)]
+        self._check_precision_runs(input_shape, precision, dtype)
+        self.grid_plans(tuple(input_shape), patch_size, stride, tau, dtype)
         self.estimate(tuple(input_shape), patch_size, stride, tau)
 
     def calibrate_memory(self, input_shape, patch_size: int = 16, stride: int = 4,
@@ -294,12 +333,20 @@ class Explainer:
         """Forget the materialized activations kept between calls (plans stay cached)."""
         self._mats.clear()
 
-    def materialized(self, image: torch.Tensor) -> tuple[Materialized, str]:
-        key = _image_key(image)
+    def materialized(self, image: torch.Tensor, dtype: torch.dtype | None = None,
+                     clean: Materialized | None = None) -> tuple[Materialized, str]:
+        """The clean image's activations (cached by the image's hash), in the model's dtype or cast to `dtype`
+        for a low-precision run (cached next to them, keyed by the dtype too). `clean`: the model-dtype
+        activations of the same image, when the caller holds them already (cast, not looked up again)."""
+        dtype = dtype or self.dtype
+        key = (_image_key(image), dtype)
         mats = self._mats.get(key)
         if mats is not None:
             return mats, "hit"
-        mats = materialize(self.capture, image)
+        if dtype == self.dtype:
+            mats = materialize(self.capture, image)
+        else:  # the model's own clean run, cast: closer to it than a clean run in the low precision
+            mats = (clean or self.materialized(image)[0]).converted(self.capture_in(dtype), dtype)
         self._mats.put(key, mats)
         return mats, "miss"
 
@@ -401,7 +448,7 @@ class Explainer:
     def explain(self, image: torch.Tensor, patch_size: int = 16, stride: int = 4, fill=0.0, target=None,
                 batch_size: int | None = None, method: str = "incremental", normalize=None,
                 memory_budget: int | None = None, tau: float = 1.0, origins=None, target_ssim=None,
-                drilldown=None, mode=None, progress=None) -> Explanation:
+                drilldown=None, mode=None, precision: str = "float32", progress=None) -> Explanation:
         """Occlusion heatmap of `image`: the probability of `target` with a patch over each position.
 
         Args:
@@ -423,11 +470,15 @@ class Explainer:
             drilldown: True, a dict {r, target_speedup} or {r, s1}: run the whole grid at a coarse stride,
                 then the requested stride on the fraction r of cells with the largest drops (approx.py).
             mode: "exact" (forbids every approximation) or "approximate" (tuned tau + drill-down).
+            precision: what the occluded positions run in: "float32" (the model's own dtype), "bf16" or
+                "fp16" (CUDA only): an approximation. The clean image still runs in the model's dtype, so
+                `label` and `probability` are the float32 ones; each cell is the softmax (float64) of the
+                low-precision logits at that label. Composes with tau, drill-down and method="naive".
             progress: callable(stage, Explanation), called with the coarse drill-down map before stage 2.
 
         Returns:
-            Explanation: `heatmap` (grid rows x columns, float, the model's dtype), `label`,
-            `probability` (clean), `predicted`, the options used, `timings_ms`, `memory`,
+            Explanation: `heatmap` (grid rows x columns, float, the model's dtype whatever the precision),
+            `label`, `probability` (clean), `predicted`, the options used, `timings_ms`, `memory`,
             `theoretical_speedup`, `executed_speedup`, `incremental` / `fallback_reason`, `cache` and, for
             approximations, `extra["approximation"]` and `extra["drilldown"]`.
 
@@ -441,10 +492,11 @@ class Explainer:
         self._check_model()
         image = _as_batch(image, self.dtype).to(self.device)
         shape = tuple(image.shape)
-        opts = resolve(shape, self.num_classes(shape), lambda: tuning_for(self.model), patch_size=patch_size,
-                       stride=stride, fill=fill, normalize=normalize, target=target, batch_size=batch_size,
-                       method=method, memory_budget=memory_budget, tau=tau, origins=origins,
-                       target_ssim=target_ssim, drilldown=drilldown, mode=mode)
+        opts = resolve(shape, self.num_classes(shape), lambda: tuning_for(self.model),
+                       patch_size=patch_size, stride=stride, fill=fill, normalize=normalize, target=target,
+                       batch_size=batch_size, method=method, memory_budget=memory_budget, tau=tau, origins=origins,
+                       target_ssim=target_ssim, drilldown=drilldown, mode=mode, precision=precision,
+                       device=self.device)
         if opts.drilldown is not None:
             return self._drilldown(image, opts, progress, t0)
         run = self._run(image, opts, t0)
@@ -466,25 +518,28 @@ class Explainer:
         shape = tuple(image.shape)
         _, c, h, w = shape
         p, s, tau = opts.patch_size, opts.stride, opts.tau
-        mats, cache = self.materialized(image)
+        dtype = opts.dtype or self.dtype  # what the positions run in
+        mats, run_mats, cache, added = self._activations(image, opts.precision, dtype)
         probs = torch.softmax(mats.output.double(), dim=1)[0]
         predicted = int(probs.argmax())
         label = predicted if opts.target is None else opts.target
+        # what a low precision holds besides the model's own activations (budget.MemoryModel)
+        extra_bytes = 2 * added.get("cast_materialized_bytes", 0) + added.get("converted_weights_bytes", 0)
         t1 = time.perf_counter()
 
         if opts.method == "incremental":
             # explicit origins (drill-down's stage 2) run as one group
-            groups = self.grid_plans(shape, p, s, tau) if opts.origins is None else \
-                [(np.arange(len(opts.origins)), self.plan(shape, p, s, tau, opts.origins))]
+            groups = self.grid_plans(shape, p, s, tau, dtype) if opts.origins is None else \
+                [(np.arange(len(opts.origins)), self.plan(shape, p, s, tau, opts.origins, dtype))]
             per_position = max(plan.peak_bytes_per_position for _, plan in groups)
             if self.capture.trace_failure is not None:  # one opaque node: the plan knows no inner shapes
-                per_position = self._naive_bytes(groups[0][1])
+                per_position = self._naive_bytes(groups[0][1], dtype)
             fallback = groups[0][1].fallback if self.capture.trace_failure is None else self.capture.trace_failure
             incremental = self.capture.trace_failure is None
         else:
             origins = geo.grid_origins(h, w, p, s) if opts.origins is None else opts.origins
-            groups = [(np.arange(len(origins)), self.plan(shape, p, s, tau, origins))]
-            per_position = self._naive_bytes(groups[0][1])
+            groups = [(np.arange(len(origins)), self.plan(shape, p, s, tau, origins, dtype))]
+            per_position = self._naive_bytes(groups[0][1], dtype)
             fallback = self.capture.trace_failure or "method=naive: full re-inference of every occluded image"
             incremental = False
         # the largest windows first: later groups' smaller tensors fit in the chunks the first one freed,
@@ -492,18 +547,18 @@ class Explainer:
         groups = sorted(groups, key=lambda g: -g[1].peak_bytes_per_position)
         n = sum(len(g) for g, _ in groups)
         memory_model = self.memory_models[opts.method]
-        batch = fit_batch(memory_model, per_position, n, opts.memory_budget, mats.nbytes, opts.batch_size)
+        batch = fit_batch(memory_model, per_position, n, opts.memory_budget, mats.nbytes, opts.batch_size, extra_bytes)
         memory = {"materialized_bytes": mats.nbytes, "peak_working_bytes": per_position * batch,
-                  "estimated_peak_bytes": memory_model.peak(per_position, batch, mats.nbytes),
-                  "budget_bytes": opts.memory_budget, "memory_model": memory_model.source}
+                  "estimated_peak_bytes": memory_model.peak(per_position, batch, mats.nbytes, extra_bytes),
+                  "budget_bytes": opts.memory_budget, "memory_model": memory_model.source, **added}
         if opts.batch_size is not None and batch < min(n, opts.batch_size):
             memory["batch_size_requested"] = opts.batch_size  # clamped to what fits the budget
-        fill_t = torch.tensor(opts.fill, dtype=self.dtype, device=self.device).view(c, 1, 1)
+        fill_t = torch.tensor(opts.fill, dtype=dtype, device=self.device).view(c, 1, 1)
         scores = torch.empty(n, dtype=torch.float64)
         full_macs, executed_macs = 0, 0
         for indices, plan in groups:
-            run = self._incremental_runner(plan, mats, fill_t) if opts.method == "incremental" else \
-                self._naive_runner(plan, image, fill_t)
+            run = self._incremental_runner(plan, run_mats, fill_t, dtype) if opts.method == "incremental" else \
+                self._naive_runner(plan, image.to(dtype), fill_t, dtype)
             full, inc = plan.macs()
             full_macs += full * len(indices)
             executed_macs += (inc if opts.method == "incremental" else full) * len(indices)
@@ -524,9 +579,25 @@ class Explainer:
             memory=memory,
             theoretical_speedup=theoretical,
             executed_speedup=full_macs / executed_macs if executed_macs else 1.0,
-            groups=len(groups), cache=cache, tau=float(tau), incremental=incremental, fallback_reason=fallback,
+            groups=len(groups), cache=cache, tau=float(tau), precision=opts.precision, incremental=incremental,
+            fallback_reason=fallback,
         )
         return _Run(exp, full_macs, executed_macs)
+
+    def _activations(self, image: torch.Tensor, precision: str, dtype) -> tuple[Materialized, Materialized, str, dict]:
+        """(the clean run's activations, in the model's dtype: label and probability; those the positions run
+        against; cache hit or miss; the bytes a low precision adds): its cast copy of the activations and,
+        on the run that builds it, the converted copy of the weights (kept for later runs)."""
+        converting = dtype != self.dtype and dtype not in self._converted
+        self._check_precision_runs(tuple(image.shape), precision, dtype)  # builds the converted copy once
+        mats, cache = self.materialized(image)
+        if dtype == self.dtype:
+            return mats, mats, cache, {}
+        run_mats, run_cache = self.materialized(image, dtype, clean=mats)
+        added = {"cast_materialized_bytes": run_mats.nbytes}
+        if converting:
+            added["converted_weights_bytes"] = _weight_bytes(self.capture_in(dtype).gm)
+        return mats, run_mats, cache if run_cache == "hit" else "miss", added
 
     def _drilldown(self, image: torch.Tensor, opts: ExplainOptions, progress, t0: float) -> Explanation:
         """Stage 1 over the whole grid at S1, stage 2 at S2 on the refined cells; see approx.py."""
@@ -570,19 +641,23 @@ class Explainer:
                        executed_speedup=full_macs / executed if executed else 1.0,
                        extra={"drilldown": info, "approximation": report})
 
-    def _incremental_runner(self, plan, mats, content):
-        """run(start, stop) -> logits of positions [start, stop) of `plan`, incrementally."""
-        return BatchRunner(self.capture, plan, mats, _content(plan, content), self.channels_last).run
+    def _incremental_runner(self, plan, mats, content, dtype=None):
+        """run(start, stop) -> logits of positions [start, stop) of `plan` (built for `dtype`), incrementally."""
+        return BatchRunner(self.capture_in(dtype), plan, mats, _content(plan, content), self.channels_last).run
 
-    def _naive_runner(self, plan: Plan, image: torch.Tensor, content):
+    def _naive_model(self, dtype=None) -> nn.Module:
+        """What full re-inference runs in `dtype`: the model itself, or the converted copy of its graph."""
+        return self.model if dtype is None or dtype == self.dtype else self.capture_in(dtype).gm
+
+    def _naive_runner(self, plan: Plan, image: torch.Tensor, content, dtype=None):
         """Batched full re-inference of every changed image (the clean image with each position's rect
-        holding its content): the baseline kept for verification, and stock execution where an
-        incremental run would gain nothing."""
+        holding its content), in `image`'s dtype: the baseline kept for verification, and stock execution
+        where an incremental run would gain nothing."""
         origins = torch.from_numpy(plan.origins).to(image.device)
         zeros = torch.zeros_like(origins)
         clean = image[0]
         content = _content(plan, content)
-        model = self.model
+        model = self._naive_model(dtype)
 
         @torch.no_grad()
         def run(start, stop):
@@ -592,17 +667,20 @@ class Explainer:
 
         return run
 
-    def _naive_bytes(self, plan: Plan) -> int:
-        """Per-position working set of full inference: the two largest consecutive activations, or, for a
-        model that runs as one opaque node (TorchScript, untraceable), its measured per-position peak."""
+    def _naive_bytes(self, plan: Plan, dtype=None) -> int:
+        """Per-position working set of full inference in `dtype` (None: the model's): the two largest
+        consecutive activations, or, for a model that runs as one opaque node (TorchScript, untraceable),
+        its measured per-position peak."""
+        dtype = dtype or self.dtype
         if self.capture.trace_failure is not None:
-            key = plan.input_shape
+            key = (plan.input_shape, dtype)
             if key not in self._opaque_bytes:
-                self._opaque_bytes[key] = formats.opaque_bytes_per_position(self.model, key, self.dtype, self.device)
+                self._opaque_bytes[key] = formats.opaque_bytes_per_position(self._naive_model(dtype), plan.input_shape,
+                                                                            dtype, self.device)
             return self._opaque_bytes[key]
         sizes = [int(math.prod(s[1:])) for s in plan.shapes.values() if s is not None]
         pairs = [a + b for a, b in zip(sizes, sizes[1:])] or sizes
-        return max(pairs) * torch.empty((), dtype=self.dtype).element_size()
+        return max(pairs) * torch.empty((), dtype=dtype).element_size()
 
 
 def _content(plan: Plan, content):

@@ -247,10 +247,7 @@ class Builder(Walk):
         if bn is None:
             return spec.weight, spec.bias
         self._folded[bn] = node
-        key = (node, bn)
-        if key not in self.c.folded_weights:
-            self.c.folded_weights[key] = fold_batchnorm(spec.weight, spec.bias, self.c.specs[bn].extra["batchnorm"])
-        return self.c.folded_weights[key]
+        return folded_weights(self.c, node, bn)
 
     def exclusive(self, node) -> bool:
         """True when no other node can see `node`'s patch tensor (following aliases back to its maker)."""
@@ -319,6 +316,23 @@ def _peak_bytes(steps: list[Step], last_use: dict) -> int:
         for n in [n for n in live if last_use.get(n, -1) <= idx]:
             del live[n]
     return peak
+
+
+def folded_weights(capture: Capture, conv: fx.Node, bn: fx.Node) -> tuple[torch.Tensor, torch.Tensor]:
+    """`conv`'s weights with the batch norm `bn` folded in, cached on the capture. A converted capture
+    (a low precision) folds its source's weights and statistics and rounds the result once: folding the
+    already rounded ones would round twice (bf16 running variances lose ~0.4% of the scale)."""
+    key = (conv, bn)
+    if key not in capture.folded_weights:
+        source = capture.source
+        if source is None:
+            spec = capture.specs[conv]
+            capture.folded_weights[key] = fold_batchnorm(spec.weight, spec.bias, capture.specs[bn].extra["batchnorm"])
+        else:
+            dtype = capture.specs[conv].weight.dtype
+            weight, bias = folded_weights(source, source.node_named(conv.name), source.node_named(bn.name))
+            capture.folded_weights[key] = weight.to(dtype), bias.to(dtype)
+    return capture.folded_weights[key]
 
 
 def fold_batchnorm(weight, bias, bn) -> tuple[torch.Tensor, torch.Tensor]:

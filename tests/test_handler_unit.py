@@ -96,8 +96,8 @@ def test_extract_conflicting_option_sources():
 # ------------------------------------------------------------------------------- options
 def test_options_defaults_and_types():
     o = rq.parse_options({}, SETTINGS, 1000)
-    assert (o.patch_size, o.stride, o.fill, o.target, o.method, o.batch_size, o.format, o.tau) == \
-        (16, 4, "gray", None, "incremental", None, "json", 1.0)
+    assert (o.patch_size, o.stride, o.fill, o.target, o.method, o.batch_size, o.format, o.tau, o.precision) == \
+        (16, 4, "gray", None, "incremental", None, "json", 1.0, "float32")
     o = rq.parse_options({"patch_size": "8", "stride": b"2", "fill": "0.25", "target": 7, "method": "NAIVE",
                           "batch_size": "32", "format": "png"}, SETTINGS, 10)
     assert (o.patch_size, o.stride, o.fill, o.target, o.method, o.batch_size, o.format) == \
@@ -131,6 +131,8 @@ def test_options_defaults_and_types():
     ({"stream": "perhaps"}, "stream", "true | false"),
     ({"png_size": "20"}, "png_size", "[64, 2048]"),
     ({"png_size": "big"}, "png_size", "not an integer"),
+    ({"precision": "int8"}, "precision", "float32 | bf16 | fp16"),
+    ({"precision": 16}, "precision", "float32 | bf16 | fp16"),
 ])
 def test_options_rejected(raw, param, needle):
     e = err(rq.parse_options, raw, SETTINGS, 10)
@@ -526,6 +528,37 @@ def test_options_approximate():
     assert rq.parse_options({"drilldown": "false"}, SETTINGS, 10).drilldown is False
 
 
+def test_options_precision_from_every_request_shape():
+    assert rq.parse_options({"precision": "BF16"}, SETTINGS, 10).precision == "bf16"
+    b64 = base64.b64encode(b"IMG").decode()
+    for payload, headers in (({"body": {"data": b64, "precision": "bf16"}}, {"Content-Type": "application/json"}),
+                             ({"data": b"IMG", "precision": b"bf16"}, {}),
+                             ({"body": bytearray(b"IMG")}, {"X-Krypton-Precision": "bf16"}),
+                             ({"body": {"instances": [{"data": b64, "precision": "bf16"}]}}, {})):
+        _, opts, _ = rq.extract(payload, headers)
+        assert rq.parse_options(opts, SETTINGS, 10).precision == "bf16", payload
+
+
+def test_handler_precision_bf16_and_its_refusals(handler):
+    h, ctx = handler
+    img = image_bytes(48, 40, seed=15)
+    headers = {"explain": "True", "X-Krypton-Stride": "4", "X-Krypton-Precision": "bf16"}
+    [(status, ctype, body)] = run(h, ctx, [({"body": bytearray(img)}, headers)])
+    assert (status, ctype) == (200, "application/json"), body
+    out = json.loads(body)
+    ref = engine_heatmap(img, patch_size=8, stride=4, fill="gray")  # float32
+    bf16 = engine_heatmap(img, patch_size=8, stride=4, fill="gray", precision="bf16")
+    assert (out["label"], out["probability"]) == (ref.label, ref.probability)  # from the float32 clean run
+    assert np.allclose(np.array(out["heatmap"]), bf16.heatmap.numpy(), atol=1e-6)
+    assert out["precision"] == out["options"]["precision"] == out["approximation"]["precision"] == "bf16"
+    assert out["approximation"]["mode"] == "approximate"
+    for extra, needle in (({"X-Krypton-Precision": "fp16"}, "CUDA-only"),
+                          ({"X-Krypton-Mode": "exact"}, "contradicts mode='exact'")):
+        [(status, _, body)] = run(h, ctx, [({"body": bytearray(img)}, dict(headers, **extra))])
+        err_body = json.loads(body)
+        assert status == 400 and err_body["parameter"] == "precision" and needle in err_body["message"], body
+
+
 class FakeSocket:
     def __init__(self):
         self.sent = []
@@ -637,6 +670,7 @@ def test_options_segments():
         ({"n_segments": 20}, "n_segments", "occlusion=segments only"),
         ({"occlusion": "segments", "stride": 4}, "stride", "occlusion=grid only"),
         ({"occlusion": "segments", "drilldown": "true"}, "drilldown", "occlusion=grid only"),
+        ({"occlusion": "segments", "precision": "bf16"}, "precision", "occlusion=grid only"),
     ]:
         e = err(rq.parse_options, raw, SETTINGS, 10)
         assert (e.status, e.parameter) == (400, param) and needle in e.message, (raw, e.message)

@@ -132,8 +132,8 @@ def test_explain_json_equals_engine_in_process(server):
     assert r["probability"] == pytest.approx(ref.probability, abs=1e-6)
     assert r["positions"] == 81
     assert r["options"] == {"patch_size": 8, "stride": 3, "fill": "black", "target": None, "method": "incremental",
-                            "batch_size": r["options"]["batch_size"], "tau": 1.0, "format": "json",
-                            "fill_value": r["options"]["fill_value"]}
+                            "batch_size": r["options"]["batch_size"], "tau": 1.0, "precision": "float32",
+                            "format": "json", "fill_value": r["options"]["fill_value"]}
     assert r["options"]["batch_size"] >= 1
     assert {"materialize", "incremental", "total"} <= set(r["timings_ms"])
     mem = r["memory"]
@@ -141,6 +141,16 @@ def test_explain_json_equals_engine_in_process(server):
     assert mem["measured_peak_bytes"] >= 0 and "VmHWM" in mem["measured_method"]
     assert r["theoretical_speedup"] > 1.0 and r["cache"] in ("hit", "miss")
     assert r["weights"] == "untrained-random-init"
+
+
+def test_explain_bf16_keeps_the_float32_label(server):
+    img = image_bytes(seed=2)
+    r = ok_json(explain_raw(server, img, patch_size=8, stride=3, fill="black", precision="bf16"))
+    ref, _ = engine_reference(img, tiny_model(), TINY_PRE, patch_size=8, stride=3, fill="black", precision="bf16")
+    exact, _ = engine_reference(img, tiny_model(), TINY_PRE, patch_size=8, stride=3, fill="black")
+    assert r["precision"] == r["options"]["precision"] == r["approximation"]["precision"] == "bf16"
+    assert np.abs(np.array(r["heatmap"]) - ref.heatmap.numpy()).max() < 1e-6
+    assert (r["label"], r["probability"]) == (exact.label, pytest.approx(exact.probability, abs=1e-6))
 
 
 def test_request_shapes_agree(server):
@@ -229,6 +239,8 @@ BAD_INPUTS = [
     ("patch larger than image", dict(headers={"X-Krypton-Patch-Size": "33"}), 400, "patch_size=33"),
     ("too many positions", dict(headers={"X-Krypton-Stride": "1"}), 400, "max_positions=200"),
     ("batch too large", dict(headers={"X-Krypton-Batch-Size": "65"}), 400, "option batch_size"),
+    ("bad precision", dict(json={"precision": "int8"}), 400, "option precision"),
+    ("fp16 on the CPU", dict(headers={"X-Krypton-Precision": "fp16"}), 400, "CUDA-only"),
     ("no content-type, not an image", dict(body=b"\x00\x01 plain bytes", no_ctype=True), 400, "not an image"),
     ("text/plain body", dict(body=b"hello", headers={"Content-Type": "text/plain"}), 400, "arrived as text"),
     ("form-urlencoded text", dict(body=b"hello=world",

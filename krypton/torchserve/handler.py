@@ -508,7 +508,7 @@ class KryptonExplainMixin:
             x.to(self.device), patch_size=opts.patch_size, stride=opts.stride, fill=opts.fill,
             target=opts.target, batch_size=opts.batch_size, method=method,
             normalize=self._normalization(), memory_budget=s.memory_budget, tau=opts.tau,
-            target_ssim=opts.target_ssim, drilldown=opts.drilldown, mode=opts.mode,
+            target_ssim=opts.target_ssim, drilldown=opts.drilldown, mode=opts.mode, precision=opts.precision,
             progress=self._streamer(idx) if opts.stream and opts.format == "json" else None)
 
     def _record(self, idx, x, exp, result, positions, pm) -> None:
@@ -549,7 +549,8 @@ class KryptonExplainMixin:
     def _json(self, idx, x, exp, result, opts, t0) -> str:
         """The explanation's own to_dict() plus what only the server knows."""
         used = {"patch_size": exp.patch_size, "stride": exp.stride, "fill": opts.fill, "target": opts.target,
-                "method": exp.method, "batch_size": exp.batch_size, "tau": exp.tau, "format": opts.format}
+                "method": exp.method, "batch_size": exp.batch_size, "tau": exp.tau, "precision": exp.precision,
+                "format": opts.format}
         if exp.method != opts.method:  # an untraceable model (TorchScript) runs naive
             used["method_requested"] = opts.method
         if exp.fill != opts.fill:  # what the engine wrote (a named fill resolved)

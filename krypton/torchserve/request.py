@@ -32,14 +32,15 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 HEADER_PREFIX = "x-krypton-"
 IMAGE_FIELD = "data"
 EXPLAIN_OPTIONS = ("patch_size", "stride", "fill", "target", "method", "batch_size", "format", "tau",
-                   "target_ssim", "drilldown", "mode", "stream", "occlusion", "n_segments", "png_size")
+                   "target_ssim", "drilldown", "mode", "stream", "occlusion", "n_segments", "png_size", "precision")
 OCCLUSIONS = ("grid", "segments")  # grid: OBE's sliding patch; segments: SLIC superpixels (segments.py)
 N_SEGMENTS_RANGE = (2, 500)
-GRID_ONLY = ("patch_size", "stride", "tau", "target_ssim", "drilldown", "mode", "stream")
+GRID_ONLY = ("patch_size", "stride", "tau", "target_ssim", "drilldown", "mode", "stream", "precision")
 APPROX_MODES = ("exact", "approximate")
 DRILLDOWN_KEYS = ("r", "target_speedup", "s1")
 NAMED_FILLS = ("gray", "grey", "black", "mean")
 METHODS = ("incremental", "naive")
+PRECISIONS = ("float32", "bf16", "fp16")  # the engine refuses fp16 for a model on the CPU (CUDA-only)
 FORMATS = ("json", "png")
 # Longer side of the photo in a format=png answer (obe_render): 2048x2048 RGB stays under max_response_size.
 PNG_SIZE_RANGE = (64, 2048)
@@ -365,6 +366,7 @@ class Options:
     occlusion: str = "grid"
     n_segments: int = 50
     png_size: int = 1024
+    precision: str = "float32"
 
 
 def parse_bool(name: str, value: Any) -> bool:
@@ -453,8 +455,9 @@ def parse_options(raw: Mapping[str, Any], settings: Settings, num_classes: Optio
             raise RequestError(f"option n_segments: {n_segments} segments exceed the limit max_positions="
                                f"{lim.max_positions}", parameter="n_segments")
     png_size = parse_int("png_size", raw["png_size"], *PNG_SIZE_RANGE) if present("png_size") else d.png_size
+    precision = parse_choice("precision", raw["precision"], PRECISIONS) if present("precision") else "float32"
     return Options(patch, stride, fill, target, method, batch, fmt, tau, target_ssim, drilldown, mode, stream,
-                   occlusion, n_segments, png_size)
+                   occlusion, n_segments, png_size, precision)
 
 
 # --------------------------------------------------------------------------------------------
