@@ -466,10 +466,13 @@ class Explainer:
             memory_budget: bytes the working set of one batch may take (default 1 GiB).
             tau: projective-field threshold in (0, 1]; 1 is exact, lower is faster and approximate.
             origins: explicit (n, 2) patch corners (y, x) instead of the grid; the heatmap is then (1, n).
-            target_ssim: choose tau as the model's tuned tau for this heatmap SSIM (krypton/tuned/).
+            target_ssim: choose the whole configuration (precision, tau, drill-down) as the fastest one whose
+                SSIM met this target on the model's tuning photos (krypton/tuned/, krypton/tuning.py);
+                `extra["approximation"]` reports it with its expected SSIM and speedup.
             drilldown: True, a dict {r, target_speedup} or {r, s1}: run the whole grid at a coarse stride,
                 then the requested stride on the fraction r of cells with the largest drops (approx.py).
-            mode: "exact" (forbids every approximation) or "approximate" (tuned tau + drill-down).
+            mode: "exact" (forbids every approximation) or "approximate" (target_ssim 0.9 unless tau,
+                drilldown or precision are given explicitly).
             precision: what the occluded positions run in: "float32" (the model's own dtype), "bf16" or
                 "fp16" (CUDA only): an approximation. The clean image still runs in the model's dtype, so
                 `label` and `probability` are the float32 ones; each cell is the softmax (float64) of the

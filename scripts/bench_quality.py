@@ -38,6 +38,7 @@ import krypton  # noqa: E402
 from bench.measure import machine_info  # noqa: E402
 from krypton import approx, tuning  # noqa: E402
 from krypton.models import PREPROCESS, build_model  # noqa: E402
+from krypton.options import resolve  # noqa: E402
 
 REAL_WEIGHTS = [name for name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
                 if name in PREPROCESS]
@@ -57,6 +58,14 @@ def timed(explainer, image, **options):
     t0, c0 = time.perf_counter(), time.process_time()
     exp = explainer.explain(image, **options)
     return exp, time.perf_counter() - t0, time.process_time() - c0
+
+
+def resolved(explainer, image, stride: int, options: dict) -> tuple:
+    """What a mode runs (precision, tau, drill-down stages) for this image and stride, without running it."""
+    opts = resolve((1,) + tuple(image.shape), None, lambda: tuning.tuning_for(explainer.model), patch_size=16,
+                   stride=stride, **options)
+    dd = opts.drilldown
+    return opts.precision, opts.tau, None if dd is None else (dd.s1, dd.r)
 
 
 def ran(exp) -> tuning.Config:
@@ -95,7 +104,8 @@ def bench_model(name: str, photos, strides, log) -> dict:
         raise SystemExit(f"{sorted(overlap)} were used to tune {name}; pick held-out photos")
     warm = tuning.photo_tensor(WARMUP_PHOTO, name)
     for stride in strides:
-        for _, options in [("exact", {})] + modes():
+        runs = {resolved(explainer, warm, stride, options): options for _, options in [("exact", {})] + modes()}
+        for options in runs.values():
             explainer.explain(warm, stride=stride, **base, **options)
     out = {"input_size": [pre["crop"], pre["crop"]], "tuning_file": tuned.path and os.path.relpath(tuned.path, ROOT),
            "tuning_source": tuned.source, "tuning_photos": tuned.meta.get("photos", []), "photos": {}}
@@ -108,7 +118,13 @@ def bench_model(name: str, photos, strides, log) -> dict:
             cell = row[str(stride)] = {"label": exact.label, "probability": exact.probability,
                                        "exact_seconds": t_exact, "modes": {}}
             log(f"{name} {photo} S={stride}: label {exact.label} p={exact.probability:.3f} exact {t_exact:.1f}s")
+            done = {}  # modes that resolve to the same configuration share one run
             for label, options in modes():
+                key = resolved(explainer, image, stride, options)
+                if key in done:
+                    cell["modes"][label] = {**cell["modes"][done[key]], "same_run_as": done[key]}
+                    continue
+                done[key] = label
                 exp, seconds, cpu = timed(explainer, image, stride=stride, **base, **options)
                 report = exp.extra.get("approximation", {})
                 info = {"ssim": krypton.heatmap_ssim(exact.heatmap, exp.heatmap), "seconds": seconds,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
@@ -10,7 +9,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import krypton
-from krypton import tuning
 from krypton.budget import MemoryModel
 from krypton.obe import _image_key
 from nets import Head, rand_image
