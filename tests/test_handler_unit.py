@@ -785,3 +785,17 @@ def test_mixin_named_fills_without_a_normalization_are_400s(tmp_path):
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("model", None)
+
+
+def test_only_exact_runs_teach_the_time_budget(handler):
+    """An approximate run is faster than the exact one; its rate would let the next exact request past the
+    time budget, so it is not recorded."""
+    h, ctx = handler
+    img = image_bytes(48, 40, seed=13)
+    before = dict(h.budget.rate)
+    for hdr in ({"X-Krypton-Tau": "0.5"}, {"X-Krypton-Precision": "bf16"}, {"X-Krypton-Mode": "approximate"}):
+        [(status, _, body)] = run(h, ctx, [({"body": bytearray(img)}, dict(hdr, explain="True"))])
+        assert status == 200 and json.loads(body)["approximation"]["mode"] == "approximate", body
+        assert h.budget.rate == before, hdr
+    [(status, _, _)] = run(h, ctx, [({"body": bytearray(img)}, {"explain": "True", "X-Krypton-Stride": "4"})])
+    assert status == 200 and h.budget.rate["incremental"] != before["incremental"]
