@@ -7,8 +7,8 @@ precision="bf16" alone, mode="approximate", target_ssim 0.8 / 0.9 / 0.95 (the tu
 krypton/tuned/<model>.json), and drill-down at its defaults. For each: SSIM against the exact map
 (krypton.heatmap_ssim: skimage, data_range = max - min over both maps, win_size 7), the wall-clock
 speedup over the exact run (same Explainer; the clean image's activations materialized before timing;
-every configuration run once on a warm-up photo first, so plans and the reduced-precision model copy are
-built; drill-down's stage-2 plan depends on the image and is built inside its timed call), whether the
+every grid plan the modes need and the reduced-precision model copy built first (Explainer.prepare);
+drill-down's stage-2 plan depends on the image and is built inside its timed call), whether the
 label stayed the float32 one, and for drill-down the top-r recall: the share of the exact map's ceil(r N)
 largest drops whose value drill-down computed exactly. The paper's selection rule (which ranks the cells
 stage 1 already computed too) is scored beside ours on the same exact maps (approx.simulate, which equals
@@ -43,7 +43,6 @@ from krypton.options import resolve  # noqa: E402
 REAL_WEIGHTS = [name for name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
                 if name in PREPROCESS]
 TARGETS = (0.8, 0.9, 0.95)
-WARMUP_PHOTO = "rocket"  # a tuning photo: only warms the caches, never scored
 PAPER_TAU04 = {"vgg16": (224, 11.4), "resnet18": (224, 7.7), "inception_v3": (299, 8.5)}
 
 
@@ -60,9 +59,9 @@ def timed(explainer, image, **options):
     return exp, time.perf_counter() - t0, time.process_time() - c0
 
 
-def resolved(explainer, image, stride: int, options: dict) -> tuple:
-    """What a mode runs (precision, tau, drill-down stages) for this image and stride, without running it."""
-    opts = resolve((1,) + tuple(image.shape), None, lambda: tuning.tuning_for(explainer.model), patch_size=16,
+def resolved(explainer, shape, stride: int, options: dict) -> tuple:
+    """What a mode runs (precision, tau, drill-down stages) at this input shape and stride, without running it."""
+    opts = resolve(tuple(shape), None, lambda: tuning.tuning_for(explainer.model), patch_size=16,
                    stride=stride, **options)
     dd = opts.drilldown
     return opts.precision, opts.tau, None if dd is None else (dd.s1, dd.r)
@@ -102,11 +101,10 @@ def bench_model(name: str, photos, strides, log) -> dict:
     overlap = set(photos) & set(tuned.meta.get("photos", []))
     if overlap:
         raise SystemExit(f"{sorted(overlap)} were used to tune {name}; pick held-out photos")
-    warm = tuning.photo_tensor(WARMUP_PHOTO, name)
-    for stride in strides:
-        runs = {resolved(explainer, warm, stride, options): options for _, options in [("exact", {})] + modes()}
-        for options in runs.values():
-            explainer.explain(warm, stride=stride, **base, **options)
+    shape = (1, 3, pre["crop"], pre["crop"])
+    for stride in strides:  # every grid plan a mode needs, and the reduced-precision copy of the model
+        for precision, tau, dd in {resolved(explainer, shape, stride, o) for _, o in [("exact", {})] + modes()}:
+            explainer.prepare(shape, 16, stride if dd is None else dd[0], tau, precision)
     out = {"input_size": [pre["crop"], pre["crop"]], "tuning_file": tuned.path and os.path.relpath(tuned.path, ROOT),
            "tuning_source": tuned.source, "tuning_photos": tuned.meta.get("photos", []), "photos": {}}
     for photo in photos:
@@ -120,7 +118,7 @@ def bench_model(name: str, photos, strides, log) -> dict:
             log(f"{name} {photo} S={stride}: label {exact.label} p={exact.probability:.3f} exact {t_exact:.1f}s")
             done = {}  # modes that resolve to the same configuration share one run
             for label, options in modes():
-                key = resolved(explainer, image, stride, options)
+                key = resolved(explainer, (1,) + tuple(image.shape), stride, options)
                 if key in done:
                     cell["modes"][label] = {**cell["modes"][done[key]], "same_run_as": done[key]}
                     continue
