@@ -397,7 +397,7 @@ def test_tuning_files_are_found_by_name_and_malformed_ones_rejected(tmp_path):
         tuning.tuning_for("old", directory=tmp_path)
 
 
-@pytest.mark.parametrize("name", ["efficientnet_lite0"])
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
 def test_shipped_tuning_is_real_and_meets_its_targets_on_its_photos(name):
     t = tuning.tuning_for(name)
     assert t.source == "tuned", f"krypton/tuned/{name}.json is missing"
