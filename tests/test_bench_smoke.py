@@ -145,6 +145,8 @@ def test_captum_sampling_extrapolates_from_whole_batches():
 
 
 def test_tuned_tau_lookup():
-    assert C.tuned_tau("vgg16")[0] == 0.5  # the paper's taus for SSIM 0.9 (no tuned file for random weights)
-    assert C.tuned_tau("resnet18")[0] == 0.7
-    assert C.tuned_tau("inception_v3")[0] == 0.9
+    assert C.tuned_tau("vgg16", 4, 16) == (0.5, "paper tau")  # the paper's taus for SSIM 0.9 (random weights)
+    assert C.tuned_tau("resnet18", 4, 16)[0] == 0.7
+    assert C.tuned_tau("inception_v3", 4, 16)[0] == 0.9
+    tau, source = C.tuned_tau("efficientnet_lite0", 8, 16)  # the tau of the configuration tuned for 0.9
+    assert source == "tuned tau" and tau == C.krypton.tuning_for("efficientnet_lite0").choose(0.9, 8, 16).config.tau
