@@ -65,6 +65,11 @@ def s1_for_speedup(r: float, target: float, s2: int) -> float:
     return math.sqrt(target / (1.0 - r * target)) * s2
 
 
+def paper_s1(r: float, target: float, s2: int) -> int:
+    """Eq. 29's S1 rounded UP to a multiple of S2 (the paper's stage-1 stride, before resolve_drilldown's caps)."""
+    return s2 * math.ceil(s1_for_speedup(r, target, s2) / s2 - 1e-9)
+
+
 def _number(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise OptionError(f"drilldown.{name}", value, "a finite number", "must be a finite number")
@@ -126,7 +131,7 @@ def resolve_drilldown(spec, height: int, width: int, patch_size: int, stride: in
                           f"below min(W^2/(S2^2 + r W^2), 1/r), W={limit}; at least 1/(1+r), where S1 = S2)")
     # Round S1 up to a multiple of S2: every stage-1 corner is then a stage-2 corner (its value is exact in
     # the merged map) and eq. 28 gives at least the target; never past the largest stride.
-    s1 = s2 * math.ceil(s1_for_speedup(r, target, s2) / s2 - 1e-9)
+    s1 = paper_s1(r, target, s2)
     s1 = max(s2, min(s1, (min(patch_size, limit) // s2) * s2))  # no blind strips, never past the image
     return DrillDown(r, int(s1), s2, target, "eq29")
 

@@ -212,6 +212,11 @@ class Tuning:
                 best = res
         return best if best is not None and best.median_speedup > 1.0 else None
 
+    def _chosen(self, target: float, stride: int) -> Config:
+        """The configuration choose() gives at the tuned patch size (EXACT when none qualifies)."""
+        res = self.choose(target, stride, self.meta.get("patch_size", 16))
+        return EXACT if res is None else res.config
+
     def describe(self, target: float, stride: int, patch_size: int, drilldown: bool = True) -> dict:
         """The configuration for `target` and what a response reports about it."""
         target = check_target_ssim(target)
@@ -245,9 +250,8 @@ class Tuning:
     def to_json(self) -> dict:
         return {"model": self.model, "source": self.source, "version": FORMAT_VERSION, **self.meta,
                 "strides": {str(s): [r.to_json() for r in rs] for s, rs in sorted(self.results.items())},
-                "choices": {str(s): {str(t): (self.choose(t, s, self.meta.get("patch_size", 16)) or
-                                              Result(EXACT, {}, {})).config.label()
-                                     for t in (0.8, 0.9, 0.95)} for s in sorted(self.results)}}
+                "choices": {str(s): {str(t): self._chosen(t, s).label() for t in (0.8, 0.9, 0.95)}
+                            for s in sorted(self.results)}}
 
     @classmethod
     def from_json(cls, data: dict, path: str | None = None) -> "Tuning":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -81,8 +80,7 @@ def recall_of(exp, exact) -> dict:
     out = {"r": dd["r"], "s1": dd["s1"], "s2": dd["s2"], "positions": dd["positions"], "top_r_recall": ours}
     if dd["s1"] % dd["s2"] == 0:
         # the paper's S1 (eq. 29 without our cap at P) and its selection, simulated on the exact map
-        paper_s1 = dd["s2"] * math.ceil(approx.s1_for_speedup(dd["r"], dd["target_speedup"] or 3.0, dd["s2"])
-                                        / dd["s2"] - 1e-9) if dd["target_speedup"] else dd["s1"]
+        paper_s1 = approx.paper_s1(dd["r"], dd["target_speedup"], dd["s2"]) if dd["target_speedup"] else dd["s1"]
         for name, s1, rule in (("paper_rule_same_s1", dd["s1"], True), ("paper_rule_paper_s1", paper_s1, True)):
             if (ex_map.shape[0] - 1) * dd["s2"] >= s1:
                 merged, _, exact_cells = approx.simulate(ex_map, exact.probability, s1, dd["s2"], dd["r"], rule)
