@@ -677,15 +677,22 @@ def _explain_black(server, model, img):
                                   {"X-Krypton-Patch-Size": "8", "X-Krypton-Stride": "4", "X-Krypton-Fill": "black"}))
 
 
-def test_user_model_archived_with_only_the_handler_file(server):
-    """A model that is not one of ours, archived with `--handler handler/krypton_handler.py` and no
-    extra files: predictions and explanations, equal to an independent occlusion loop."""
-    img = image_bytes(56, 48, seed=60)
-    r = ok_json(server.request("POST", "/predictions/usernet", img))
+def _user_predictions_match(server, model, img):
+    """The top-5 of /predictions/MODEL equal the user model's own on the same preprocessing; returns
+    (the preprocessed input, the response)."""
+    r = ok_json(server.request("POST", f"/predictions/{model}", img))
     x, _ = rq.preprocess(rq.decode_image(img, rq.Limits()), USER_PRE)
     with torch.no_grad():
         want = torch.softmax(user_model()(x[None]), 1)[0].topk(5)
     assert [p["label"] for p in r["predictions"]] == want.indices.tolist()
+    return x, r
+
+
+def test_user_model_archived_with_only_the_handler_file(server):
+    """A model that is not one of ours, archived with `--handler handler/krypton_handler.py` and no
+    extra files: predictions and explanations, equal to an independent occlusion loop."""
+    img = image_bytes(56, 48, seed=60)
+    x, r = _user_predictions_match(server, "usernet", img)
     assert r["weights"] == "state_dict usernet.pt"
     e = _explain_black(server, "usernet", img)
     ref, res = _oracle_heatmap(user_model(), x, 8, 4, [(0 - 0.5) / 0.25] * 3)
@@ -753,11 +760,7 @@ def test_torchscript_archive_explains_naive_and_says_so(server):
 
 def test_torch_export_archive_explains_incrementally_and_exactly(server):
     img = image_bytes(56, 48, seed=63)
-    r = ok_json(server.request("POST", "/predictions/exported", img))
-    x, _ = rq.preprocess(rq.decode_image(img, rq.Limits()), USER_PRE)
-    with torch.no_grad():
-        want = torch.softmax(user_model()(x[None]), 1)[0].topk(5)
-    assert [p["label"] for p in r["predictions"]] == want.indices.tolist()
+    x, _ = _user_predictions_match(server, "exported", img)
     e = _explain_black(server, "exported", img)
     assert e["incremental"] is True and e["model_format"] == "torch.export" and e["method"] == "incremental"
     ref, res = _oracle_heatmap(user_model(), x, 8, 4, [(0 - 0.5) / 0.25] * 3)
