@@ -156,7 +156,7 @@ class BatchRunner:
         self.mat3 = {n: mats.planar(n, channels_last) for n, v in mats.values.items()
                      if plan.states.get(n) == INC and isinstance(v, torch.Tensor) and v.dim() == 4}
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        self.weights = {s.node: s.weight.contiguous(memory_format=fmt) for s in plan.steps if s.weight is not None}
+        self.weights = {s.node: capture.laid_out(s.weight, fmt) for s in plan.steps if s.weight is not None}
         self.format = fmt
 
     def origins_of(self, node: fx.Node, state: BatchState) -> torch.Tensor:

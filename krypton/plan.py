@@ -32,10 +32,15 @@ from .rules import BatchNormRule
 
 @dataclass
 class LayerCost:
+    """Multiply-adds of one layer for one position: full inference, the executed (shared) window, and the
+    cells that really changed (`changed_macs`: the mean over the positions of each one's own change; a layer
+    that runs in full counts in full)."""
+
     name: str
     kind: str
     full_macs: int
     incremental_macs: int
+    changed_macs: float
 
 
 class Costed:
@@ -51,6 +56,11 @@ class Costed:
     def theoretical_speedup(self) -> float:
         full, inc = self.macs()
         return full / inc if inc else 1.0
+
+    def changed_macs(self) -> float:
+        """Mean conv multiply-adds per position over the cells that really changed: what windows fitted to
+        each position's own change would cost (the true-change bound; executed windows are shared)."""
+        return sum(c.changed_macs for c in self.layers if c.kind == "conv")
 
 
 @dataclass
@@ -169,8 +179,11 @@ class Walk(Costed):
         if rect is not None:
             self.states[node], self.rects[node] = INC, rect
             full_hw = self.spatial(node)
+            (ylo, yhi), (xlo, xhi) = rect.y.changed(), rect.x.changed()
+            areas = (yhi - ylo) * (xhi - xlo)
+            changed = spec.rule.macs(self, node, spec, (1, 1)) * (float(areas.mean()) if areas.size else 0.0)
             self._count(node, spec, spec.rule.macs(self, node, spec, full_hw),
-                        spec.rule.macs(self, node, spec, rect.size))
+                        spec.rule.macs(self, node, spec, rect.size), changed)
             self.incremental(node, spec, rect)
             return
         self.states[node] = FULL
@@ -182,18 +195,18 @@ class Walk(Costed):
         self._count_full(node, spec)
         self.full(node, inputs, spec)
 
-    def _count(self, node, spec: OpSpec, full: int, inc: int) -> None:
+    def _count(self, node, spec: OpSpec, full: int, inc: int, changed: float) -> None:
         if full:
-            self.layers.append(LayerCost(node.name, "conv", full, inc))
+            self.layers.append(LayerCost(node.name, "conv", full, inc, changed))
 
     def _count_full(self, node, spec: OpSpec | None) -> None:
         if spec is not None and self.spatial(node) is not None:
             macs = spec.rule.macs(self, node, spec, self.spatial(node))
-            self._count(node, spec, macs, macs)
+            self._count(node, spec, macs, macs, macs)
         elif node.op == "call_module" and isinstance(self.c.module(node), torch.nn.Linear):
             m = self.c.module(node)
             macs = m.in_features * m.out_features
-            self.layers.append(LayerCost(node.name, "linear", macs, macs))
+            self.layers.append(LayerCost(node.name, "linear", macs, macs, macs))
 
     # hooks for Builder: the geometry walk itself records nothing more
     def input(self, node, rect: Rect) -> None:

@@ -1,0 +1,123 @@
+"""The engine's speed levers keep results exact and report what they claim: the true-change bound (checked
+against the changed cells of real activations), even batch sizes, the oneDNN classifier head, the
+allocator setting."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import krypton
+from krypton import geometry as geo
+from krypton.obe import even_batch
+from krypton.rules import LinearRule
+
+from oracle import max_error, occlusion_oracle
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class LinearConvs(nn.Module):
+    """Convs only up to the pool (no activation): with generic weights every cell in a patch's projective
+    field changes, so the changed cells of real activations are the true change the planner should count."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 5, 3, stride=2, padding=1),
+                                    nn.Conv2d(5, 4, 5, padding=2), nn.Conv2d(4, 6, 3, stride=2)])
+        self.fc = nn.Linear(6, 7)
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = conv(x)
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def _changed_cells_macs(model, image, patch, origins, fill, incremental):
+    """Conv multiply-adds over the output cells whose value really changed, summed over positions, and
+    those of full inference: from the activations of each occluded image against the clean one. A conv that
+    the position's plan runs in full (`incremental[i][k]` False) counts in full, as the bound says."""
+    def outputs(x):
+        outs = []
+        for conv in model.convs:
+            x = conv(x)
+            outs.append(x)
+        return outs
+
+    per_cell = [c.in_channels // c.groups * c.kernel_size[0] * c.kernel_size[1] * c.out_channels for c in model.convs]
+    with torch.no_grad():
+        clean = outputs(image)
+        cells = [o.shape[2] * o.shape[3] for o in clean]
+        changed = 0.0
+        for i, (y, x) in enumerate(origins):
+            occluded = image.clone()
+            occluded[..., y:y + patch, x:x + patch] = fill
+            for k, (a, b) in enumerate(zip(clean, outputs(occluded))):
+                moved = int(((a - b).abs().amax(dim=1) > 0).sum())
+                changed += per_cell[k] * (moved if incremental[i][k] else cells[k])
+        full = sum(pc * n for pc, n in zip(per_cell, cells)) * len(origins)
+    return full, changed
+
+
+@pytest.mark.parametrize("size,patch,stride", [(20, 4, 2), (23, 5, 3), (17, 7, 5), (40, 6, 2)])
+def test_true_change_bound_counts_the_cells_that_really_change(size, patch, stride):
+    torch.manual_seed(size)
+    model = LinearConvs().double().eval()
+    image = torch.randn(1, 3, size, size, dtype=torch.float64)
+    explainer = krypton.Explainer(model)
+    exp = explainer.explain(image, patch_size=patch, stride=stride, fill=5.0)
+    origins = geo.grid_origins(size, size, patch, stride)
+    incremental = [None] * len(origins)
+    for indices, plan in explainer.grid_plans(tuple(image.shape), patch, stride):
+        states = {n.target: plan.states[n] for n in plan.states if n.op == "call_module"}
+        for i in indices:
+            incremental[i] = [states[f"convs.{k}"] == "inc" for k in range(len(model.convs))]
+    assert any(any(flags) for flags in incremental)
+    full, changed = _changed_cells_macs(model, image, patch, origins.tolist(), 5.0, incremental)
+    assert exp.true_change_speedup == pytest.approx(full / changed, rel=1e-12)
+    assert exp.true_change_speedup >= exp.executed_speedup - 1e-12  # shared windows never beat each own change
+
+
+def test_even_batch_sizes():
+    assert even_batch(196, 191) == 98
+    assert even_batch(729, 256) == 243
+    assert even_batch(10, 256) == 10
+    assert even_batch(0, 16) == 1
+    for n in range(1, 80):
+        for b in range(1, 40):
+            step = even_batch(n, b)
+            assert step <= b and -(-n // step) == -(-n // b)  # no more batches than at `b`, none larger
+
+
+def test_classifier_head_runs_on_onednn_and_stays_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 12 * 12, 64),
+                          nn.ReLU(inplace=True), nn.Linear(64, 10)).eval()
+    image = torch.randn(1, 3, 12, 12)
+    explainer = krypton.Explainer(model)
+    exp = explainer.explain(image, patch_size=4, stride=2, fill=0.0)
+    ref = occlusion_oracle(model, image, 4, 2, [0.0])
+    assert max_error(exp.heatmap, ref.heatmap) < 1e-4
+    plan = explainer.grid_plans((1, 3, 12, 12), 4, 2)[0][1]
+    heads = [s for s in plan.steps if isinstance(s.spec.rule if s.spec else None, LinearRule)]
+    assert len(heads) == 2
+    if torch.backends.mkldnn.is_available():
+        assert {s.kind for s in heads} == {"full_linear"}
+
+
+def test_allocator_setting_is_on_by_default_and_can_be_declined():
+    code = ("import krypton, torch.nn as nn; from krypton.memory import keep_freed_memory; "
+            "krypton.Explainer(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(1)).eval()); print(keep_freed_memory())")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    glibc = bool(os.confstr("CS_GNU_LIBC_VERSION")) if hasattr(os, "confstr") else False
+    on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    off = subprocess.run([sys.executable, "-c", code], env={**env, "KRYPTON_MALLOC": "system"},
+                         capture_output=True, text=True, check=True)
+    assert on.stdout.strip() == str(glibc)
+    assert off.stdout.strip() == "False"
