@@ -45,6 +45,7 @@ class Result:
     batch_size: int | None = None
     theoretical_centre: float | None = None    # patch at the centre (the paper's worst case)
     theoretical_executed: float | None = None  # for the windows actually executed
+    theoretical_true: float | None = None  # windows fitted to each position's own change (the bound)
     ssim: float | None = None
     max_abs_diff: float | None = None   # vs the exact heatmap (same quantity, where comparable)
     skipped: str | None = None
@@ -315,6 +316,7 @@ def run_krypton(case: Case, tau: float = 1.0, drilldown: tuple[float, float] | N
     res.positions_total = res.positions_timed = int(np.prod(case.grid))
     res.theoretical_centre = float(e.theoretical_speedup)
     res.theoretical_executed = float(e.executed_speedup)  # both drill-down stages included
+    res.theoretical_true = float(e.true_change_speedup)
     res.extra = {"timings_ms": dict(e.timings_ms), "memory": dict(e.memory), "cache": e.cache, "tau_used": e.tau,
                  "groups": e.groups}
     dd = e.extra.get("drilldown")
@@ -329,6 +331,49 @@ def run_krypton(case: Case, tau: float = 1.0, drilldown: tuple[float, float] | N
         res.ssim = heatmap_ssim(ref, res.heatmap)
         res.max_abs_diff = float((ref - res.heatmap).abs().max())
     return res
+
+
+def run_krypton_cold(case: Case, batch_size: int | None = None) -> Result:
+    """The first request of a new Explainer on a new image: capture, shapes, position groups, plans, the
+    clean pass and the first execution of every window shape (oneDNN builds its kernels then), all timed.
+    Run before any other krypton run of the model, so nothing of it is warm."""
+    res = Result("krypton-exact", "krypton exact, cold (new Explainer, first request)", {"tau": 1.0, "cold": True})
+    with case.meter.measure() as m:
+        e = krypton.Explainer(case.model).explain(case.image, patch_size=case.patch, stride=case.stride,
+                                                  fill=case.fill, target=case.label, batch_size=batch_size)
+    res.seconds, res.peak_bytes, res.batch_size = m.seconds, m.peak_bytes, e.batch_size
+    res.positions_total = res.positions_timed = int(np.prod(case.grid))
+    res.theoretical_centre, res.theoretical_executed = float(e.theoretical_speedup), float(e.executed_speedup)
+    res.theoretical_true = float(e.true_change_speedup)
+    res.heatmap = e.heatmap.detach().double().cpu()
+    return res
+
+
+# torch.profiler op names -> where the time goes (self CPU time of a warm exact run)
+TIME_CATEGORIES = (("convolution", "conv"), ("krypton::stitch", "stitch"), ("linear", "linear head"),
+                   ("addmm", "linear head"), ("matmul", "linear head"), ("pool", "pooling"),
+                   ("clamp", "activations"), ("relu", "activations"), ("hardtanh", "activations"),
+                   ("sigmoid", "activations"), ("silu", "activations"), ("add", "adds / concats"),
+                   ("cat", "adds / concats"), ("copy_", "copies"), ("fill_", "copies"))
+
+
+def time_breakdown(case: Case) -> dict:
+    """Fractions of a warm exact run's self CPU time by kind of op (torch.profiler; its own overhead
+    makes this run slower than the timed one, so only the shares are reported)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    case.explainer.clear_cache()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if case.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        case.explainer.explain(case.image, patch_size=case.patch, stride=case.stride, fill=case.fill,
+                               target=case.label)
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        name = event.key.lower()
+        kind = next((k for needle, k in TIME_CATEGORIES if needle in name), "other")
+        totals[kind] = totals.get(kind, 0.0) + event.self_cpu_time_total
+    everything = sum(totals.values()) or 1.0
+    return {k: v / everything for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
 
 
 def probe_incremental_memory(case: Case, batch: int, positions: np.ndarray) -> int | None:

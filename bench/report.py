@@ -41,6 +41,7 @@ def summarize(runs: list[dict]) -> list[dict]:
             "batch_size": first["batch_size"],
             "theoretical_centre": first["theoretical_centre"],
             "theoretical_executed": first["theoretical_executed"],
+            "theoretical_true": first.get("theoretical_true"),
             "ssim": _median(r["ssim"] for r in rs), "ssim_min": _min(r["ssim"] for r in rs),
             "max_abs_diff": _max(r["max_abs_diff"] for r in rs),
             "skipped": first["skipped"], "notes": list(dict.fromkeys(n for r in rs for n in r["notes"])),
@@ -114,8 +115,11 @@ def markdown(result: dict) -> str:
         "- Speedups are against the BEST naive configuration (fastest of the batch sizes x layouts) and "
         "the best Captum Occlusion configuration of the same model, on median time per heatmap over "
         "the images. 'extrap. n/N' = timed on n of N positions and extrapolated (see JSON `timing`).",
-        "- theo. = theoretical speedup from conv multiply-adds: for the windows actually executed / "
-        "with the patch at the centre (the paper's number); real./theo. = realized speedup over each.",
+        "- theo. = theoretical speedup from conv multiply-adds: for the windows actually executed / for "
+        "windows fitted to each position's own change (the true-change bound; layers run in full count in "
+        "full) / with the patch at the centre (the paper's number); real./theo. = realized speedup over the "
+        "executed and the centre one. Cold = a new Explainer's first request (capture, plans, clean pass, "
+        "first execution of every window shape); the other krypton rows are warm (plans built, a new image).",
         "",
     ]
     for model in dict.fromkeys(r["model"] for r in result["summary"]):
@@ -124,7 +128,7 @@ def markdown(result: dict) -> str:
                    f"weights), {info['positions']} positions")
         out.append("")
         out.append("| contender | batch | s / heatmap | timing | vs best naive | vs Captum occ. | theo. exec / "
-                   "centre | real./theo. exec / centre | peak MB | SSIM vs exact |")
+                   "true / centre | real./theo. exec / centre | peak MB | SSIM vs exact |")
         out.append("|---|---|---|---|---|---|---|---|---|---|")
         for r in (r for r in result["summary"] if r["model"] == model):
             name = r["label"] + (" **(best naive)**" if r.get("best_naive") else "") + \
@@ -133,7 +137,8 @@ def markdown(result: dict) -> str:
                 out.append(f"| {name} | | | skipped: {r['skipped']} | | | | | | |")
                 continue
             kr = r["contender"].startswith("krypton")
-            theo = f"{_f(r['theoretical_executed'])} / {_f(r['theoretical_centre'])}" if kr else "–"
+            theo = (f"{_f(r['theoretical_executed'])} / {_f(r.get('theoretical_true'))} / "
+                    f"{_f(r['theoretical_centre'])}") if kr else "–"
             ratio = (f"{_f(r['realized_over_theoretical_executed'])} / "
                      f"{_f(r['realized_over_theoretical_centre'])}") if kr else "–"
             out.append(
@@ -153,6 +158,14 @@ def markdown(result: dict) -> str:
                 ratio = x["incremental"] / x["naive_nchw"] if x["incremental"] and x["naive_nchw"] else None
                 out.append(f"| {x['batch']} | {mb(x['naive_nchw'])} | {mb(x['naive_channels_last'])} | "
                            f"{mb(x['incremental'])} | {_f(ratio, '{:.0%}')} |")
+        cold = next((r for r in result["summary"] if r["model"] == model and r["config"].get("cold")), None)
+        warm = next((r for r in result["summary"] if r["model"] == model and r["label"] == "krypton exact"), None)
+        if cold and warm and cold["seconds"] and warm["seconds"]:
+            out += ["", f"Cold first request / warm: {cold['seconds'] / warm['seconds']:.2f}x "
+                    f"({cold['seconds']:.2f} s / {warm['seconds']:.2f} s)."]
+        for img, shares in (info.get("time_breakdown") or {}).items():
+            out += ["", f"Where the time goes (warm exact run, {img}, share of torch.profiler self CPU time): " +
+                    ", ".join(f"{k} {v:.0%}" for k, v in shares.items() if v >= 0.005) + "."]
         notes = sorted({n for r in result["summary"] if r["model"] == model for n in r["notes"]})
         if notes:
             out += [""] + [f"- note: {n}" for n in notes]

@@ -55,7 +55,8 @@ PRESETS = {
                   batch_sizes=[16, 32, 64], layouts=["nchw", "channels_last"], sample_batches=1, ppe=[32, 64],
                   taus=[0.5], ig_steps=[25, 50], ig_batch=16),
 }
-SKIPPABLE = ("naive", "captum", "approx", "drilldown", "ig", "memprobe", "dropin", "segments", "edits")
+SKIPPABLE = ("naive", "captum", "approx", "drilldown", "ig", "memprobe", "dropin", "segments", "edits", "cold",
+             "profile")
 
 
 def _ints(s):
@@ -187,6 +188,8 @@ def bench_model(args, name, model, preprocess_cfg, images, meter, pretrained) ->
             log(f"{tag}: {_row_line(res)}")
             return res
 
+        if "cold" not in skip and img_name == images[0][0]:  # before anything warms krypton up for this model
+            add(C.run_krypton_cold(case, batch_size=args.inc_batch))
         plan_s = C.prepare_explainer(case, [1.0] + ([t for t in taus if t < 1.0] if "approx" not in skip else []))
         info["plan_build_seconds"] = {str(k): round(v, 3) for k, v in plan_s.items()}
         # Memory of the incremental run at the naive batch sizes, on a subset of positions through
@@ -211,6 +214,8 @@ def bench_model(args, name, model, preprocess_cfg, images, meter, pretrained) ->
             exact.notes.append(f"{img_name}: the exact heatmap is constant (label probability {prob:.6f} never "
                                "moves): SSIM of approximate modes is meaningless for this model/image")
         add(exact)
+        if "profile" not in skip:
+            info.setdefault("time_breakdown", {})[img_name] = C.time_breakdown(case)
 
         naive_full = None
         if "naive" not in skip:
