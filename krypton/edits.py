@@ -43,7 +43,7 @@ class IncrementalModel:
         """Materialize `image` ((C, H, W) or (1, C, H, W)) as the reference; returns model(image)."""
         self.explainer._check_model()
         self._image = _as_batch(image, self.explainer.dtype).to(self.explainer.device)
-        self._mats, _ = self.explainer.materialized(self._image)
+        self._mats, _ = self.explainer.materialized(self._image, stock_layout=True)
         self._fingerprint = self.explainer._fingerprint
         return self._mats.output.clone()
 

@@ -166,7 +166,7 @@ def test_activations_are_cached_per_dtype_and_dropped_when_the_weights_change():
     first = explainer.explain(image, patch_size=5, stride=3, precision="bf16")
     again = explainer.explain(image, patch_size=5, stride=3, precision="bf16")
     assert (first.cache, again.cache) == ("miss", "hit") and torch.equal(first.heatmap, again.heatmap)
-    assert sorted(str(dtype) for _, dtype in explainer._mats.items) == ["torch.bfloat16", "torch.float32"]
+    assert sorted(str(key[1]) for key in explainer._mats.items) == ["torch.bfloat16", "torch.float32"]
     assert explainer.explain(image, patch_size=5, stride=3).cache == "hit"  # the float32 ones: shared
     with torch.no_grad():
         model.conv3.weight.mul_(-1)  # in place: the converted copy must follow
