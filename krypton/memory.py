@@ -26,6 +26,7 @@ import ctypes
 import ctypes.util
 import os
 import resource
+from contextlib import contextmanager
 from typing import Dict, Optional
 
 _STATUS = "/proc/self/status"
@@ -36,12 +37,14 @@ CPU_METHOD = ("peak RSS delta: VmHWM (reset by writing 5 to /proc/self/clear_ref
 CPU_FALLBACK_METHOD = "getrusage ru_maxrss delta (not resettable: upper bound)"
 CUDA_METHOD = "torch.cuda.max_memory_allocated minus memory_allocated at request start"
 
-ALLOCATOR_ENV = "KRYPTON_MALLOC"  # "system": leave glibc's allocation policy as it is (see keep_freed_memory)
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+ALLOCATOR_ENV = "KRYPTON_MALLOC"  # "system": leave glibc's allocation policy as it is (see freed_memory_kept)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters (malloc.h)
 _KEEP_UP_TO = (1 << 31) - 1  # mallopt takes an int: free heap above this is still given back on its own
+# glibc's own steady state once large blocks have been freed: its dynamic mmap threshold stops at 32 MB
+# (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit) and the trim threshold follows at twice that.
+_STOCK = ((_M_MMAP_MAX, 65536), (_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 64 << 20))
 
 _libc = None
-_keeping = False
 
 
 def _glibc():
@@ -56,25 +59,32 @@ def _glibc():
     return _libc or None
 
 
-def keep_freed_memory() -> bool:
-    """Serve large blocks from the heap and keep freed ones for reuse, process-wide (glibc; once).
+@contextmanager
+def freed_memory_kept():
+    """Within: large blocks come from the heap and freed ones stay there for reuse (glibc). Yields whether
+    the setting is in effect (False off glibc or with KRYPTON_MALLOC=system).
 
-    Why: a run allocates the same large tensors (stitched windows, conv outputs, projections) batch
-    after batch. glibc maps every block above its mmap threshold (32 MB at most) fresh from the kernel and
-    unmaps it when freed, so each batch page-faults its tensors in again, and page faults are expensive in
-    virtual machines: here a 59 MB stitch took 28 ms into fresh pages and 3 ms into reused ones, and a whole
-    EfficientNet-Lite0 run (P16 S8) went from 5.8 s to 3.0 s with reuse. `mallopt(M_MMAP_MAX, 0)` puts
-    large blocks on the heap and `mallopt(M_TRIM_THRESHOLD, 2 GiB)` keeps freed ones there; the engine gives
-    the free pages back (`trim_heap`) at the end of every run, so between runs the process holds what it
-    held before. The naive baseline in the same process gains from it too. Set KRYPTON_MALLOC=system to
-    leave the allocator alone. Returns whether the setting is in effect.
+    Why: an incremental run allocates the same large tensors (stitched windows, conv outputs) batch after
+    batch. glibc maps every block above its mmap threshold (32 MB at most) fresh from the kernel and unmaps it
+    when freed, so each batch page-faults its tensors in again, and page faults are expensive in virtual
+    machines: here a 59 MB stitch took 28 ms into fresh pages and 3 ms into reused ones, and a whole
+    EfficientNet-Lite0 run (P16 S8) went from 5.8 s to 3.0 s with reuse. Only around incremental batches:
+    full-image batches (naive) of many tensor sizes fragment such a heap past the memory budget (ResNet18
+    naive 1070 MB at 1 GiB). On exit glibc maps large blocks again, at the threshold its own dynamic rule
+    settles on, and the free pages go back to the OS, so the rest of the process runs as before.
     """
-    global _keeping
-    if not _keeping and os.environ.get(ALLOCATOR_ENV, "").strip().lower() != "system":
-        lib = _glibc()
-        if lib is not None:
-            _keeping = bool(lib.mallopt(_M_MMAP_MAX, 0)) and bool(lib.mallopt(_M_TRIM_THRESHOLD, _KEEP_UP_TO))
-    return _keeping
+    lib = None if os.environ.get(ALLOCATOR_ENV, "").strip().lower() == "system" else _glibc()
+    if lib is None:
+        yield False
+        return
+    lib.mallopt(_M_MMAP_MAX, 0)
+    lib.mallopt(_M_TRIM_THRESHOLD, _KEEP_UP_TO)
+    try:
+        yield True
+    finally:
+        for param, value in _STOCK:
+            lib.mallopt(param, value)
+        lib.malloc_trim(0)
 
 
 def trim_heap() -> None:

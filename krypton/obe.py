@@ -1,7 +1,7 @@
 """Public entry points: explain(), Explainer (with plan and activation caches), estimate_speedup()."""
 from __future__ import annotations
 
-import functools
+import contextlib
 import hashlib
 import math
 import time
@@ -23,7 +23,7 @@ from .capture import Capture
 from .errors import OptionError
 from .execute import BatchRunner, Materialized, constant_content, materialize, tensor_content
 from .grouping import choose_groups
-from .memory import keep_freed_memory, trim_heap
+from .memory import freed_memory_kept
 from .options import DEFAULT_MEMORY_BUDGET, PRECISIONS, ExplainOptions, check_precision, resolve
 from .plan import Plan, Walk, build_plan, propagate_shapes
 from .tuning import tuning_for
@@ -148,19 +148,6 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return torch.get_default_dtype()
 
 
-def _gives_back_memory(run):
-    """A run reuses the heap's freed blocks batch after batch (memory.keep_freed_memory); at its end the
-    free pages go back to the OS, so an idle process holds what it held before the run."""
-    @functools.wraps(run)
-    def wrapper(*args, **kwargs):
-        try:
-            return run(*args, **kwargs)
-        finally:
-            trim_heap()
-
-    return wrapper
-
-
 def even_batch(positions: int, batch: int) -> int:
     """A batch size <= `batch` that runs `positions` in as few batches as `batch` does, of (nearly) equal
     sizes: 196 positions at batch 191 run as 98 + 98, not 191 + 5 (a tiny last batch costs nearly as much
@@ -270,7 +257,6 @@ class Explainer:
         # Inception3 1.57x, VGG16 1.16x, ResNet18 1.07x faster than NCHW; EfficientNet-Lite0's depthwise
         # convolutions ~1.5x. The projected full tensors inherit the layout, so the global part gains too.
         self.channels_last = True if channels_last is None else bool(channels_last)
-        keep_freed_memory()
 
     @property
     def model(self) -> nn.Module:
@@ -442,7 +428,6 @@ class Explainer:
             groups.append((size, indices, plan, self.capture.trace_failure is None and speedup >= min_speedup, speedup))
         return groups
 
-    @_gives_back_memory
     def run_changes(self, image: torch.Tensor, origins, sizes, content, batch_size: int | None = None,
                     memory_budget: int = DEFAULT_MEMORY_BUDGET, min_speedup: float = MIN_SPEEDUP,
                     mats: Materialized | None = None) -> "ChangeRun":
@@ -476,9 +461,11 @@ class Explainer:
             runner = self._incremental_runner(plan, mats, group_content) if incremental else \
                 self._naive_runner(plan, image, group_content)
             step = even_batch(len(indices), batch)
-            for start in range(0, len(indices), step):
-                stop = min(len(indices), start + step)
-                outputs[torch.from_numpy(indices[start:stop]).to(outputs.device)] = runner(start, stop).to(outputs.dtype)
+            with freed_memory_kept() if incremental else contextlib.nullcontext():
+                for start in range(0, len(indices), step):
+                    stop = min(len(indices), start + step)
+                    outputs[torch.from_numpy(indices[start:stop]).to(outputs.device)] = \
+                        runner(start, stop).to(outputs.dtype)
             run.unchanged -= len(indices)
             run.groups.append({"size": list(size), "positions": int(len(indices)), "method": method,
                                "theoretical_speedup": speedup, "batch_size": batch})
@@ -488,7 +475,6 @@ class Explainer:
         return run
 
     # ---- the verb -------------------------------------------------------------------------------
-    @_gives_back_memory
     def explain(self, image: torch.Tensor, patch_size: int = 16, stride: int = 4, fill=0.0, target=None,
                 batch_size: int | None = None, method: str = "incremental", normalize=None,
                 memory_budget: int | None = None, tau: float = 1.0, origins=None, target_ssim=None,
@@ -611,10 +597,11 @@ class Explainer:
             executed_macs += (inc if opts.method == "incremental" else full) * len(indices)
             changed_macs += (plan.changed_macs() if opts.method == "incremental" else full) * len(indices)
             step = even_batch(len(indices), batch)
-            for start in range(0, len(indices), step):
-                stop = min(len(indices), start + step)
-                logits = run(start, stop)
-                scores[indices[start:stop]] = torch.softmax(logits.double(), dim=1)[:, label].cpu()
+            with freed_memory_kept() if incremental else contextlib.nullcontext():
+                for start in range(0, len(indices), step):
+                    stop = min(len(indices), start + step)
+                    logits = run(start, stop)
+                    scores[indices[start:stop]] = torch.softmax(logits.double(), dim=1)[:, label].cpu()
         theoretical = self.estimate(shape, p, s, tau).theoretical_speedup()
         t2 = time.perf_counter()
 

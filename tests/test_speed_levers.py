@@ -111,9 +111,9 @@ def test_classifier_head_runs_on_onednn_and_stays_exact():
         assert {s.kind for s in heads} == {"full_linear"}
 
 
-def test_allocator_setting_is_on_by_default_and_can_be_declined():
-    code = ("import krypton, torch.nn as nn; from krypton.memory import keep_freed_memory; "
-            "krypton.Explainer(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(1)).eval()); print(keep_freed_memory())")
+def test_allocator_setting_holds_inside_incremental_runs_and_can_be_declined():
+    code = ("from krypton.memory import freed_memory_kept\n"
+            "with freed_memory_kept() as on:\n    print(on)")
     env = dict(os.environ, PYTHONPATH=ROOT)
     glibc = bool(os.confstr("CS_GNU_LIBC_VERSION")) if hasattr(os, "confstr") else False
     on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
