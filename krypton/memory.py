@@ -84,7 +84,7 @@ def freed_memory_kept():
     finally:
         for param, value in _STOCK:
             lib.mallopt(param, value)
-        lib.malloc_trim(0)
+        trim_heap()
 
 
 def trim_heap() -> None:

@@ -156,6 +156,18 @@ def even_batch(positions: int, batch: int) -> int:
     return max(1, -(-positions // batches))
 
 
+def batch_slices(positions: int, batch: int) -> list[tuple[int, int]]:
+    """(start, stop) of every batch of `positions` at a batch size of at most `batch` (see even_batch)."""
+    step = even_batch(positions, batch)
+    return [(start, min(positions, start + step)) for start in range(0, positions, step)]
+
+
+def _heap_policy(incremental: bool):
+    """What a run's batches execute in: freed blocks kept for reuse when they are incremental
+    (memory.freed_memory_kept), glibc as it is otherwise."""
+    return freed_memory_kept() if incremental else contextlib.nullcontext()
+
+
 def _as_batch(image: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if not isinstance(image, torch.Tensor):
         raise OptionError("image", type(image).__name__, "a torch.Tensor", "is not a tensor")
@@ -361,7 +373,8 @@ class Explainer:
         if dtype == self.dtype:
             mats = materialize(self.capture, image) if stock_layout else self._materialize(image)
         else:  # the model's own clean run, cast: closer to it than a clean run in the low precision
-            mats = (clean or self.materialized(image, stock_layout=stock_layout)[0]).converted(self.capture_in(dtype), dtype)
+            clean = clean or self.materialized(image, stock_layout=stock_layout)[0]
+            mats = clean.converted(self.capture_in(dtype), dtype)
         self._mats.put(key, mats)
         return mats, "miss"
 
@@ -460,10 +473,8 @@ class Explainer:
             group_content = (lambda idx: lambda start, stop: content(idx[start:stop]))(indices)
             runner = self._incremental_runner(plan, mats, group_content) if incremental else \
                 self._naive_runner(plan, image, group_content)
-            step = even_batch(len(indices), batch)
-            with freed_memory_kept() if incremental else contextlib.nullcontext():
-                for start in range(0, len(indices), step):
-                    stop = min(len(indices), start + step)
+            with _heap_policy(incremental):
+                for start, stop in batch_slices(len(indices), batch):
                     outputs[torch.from_numpy(indices[start:stop]).to(outputs.device)] = \
                         runner(start, stop).to(outputs.dtype)
             run.unchanged -= len(indices)
@@ -596,10 +607,8 @@ class Explainer:
             full_macs += full * len(indices)
             executed_macs += (inc if opts.method == "incremental" else full) * len(indices)
             changed_macs += (plan.changed_macs() if opts.method == "incremental" else full) * len(indices)
-            step = even_batch(len(indices), batch)
-            with freed_memory_kept() if incremental else contextlib.nullcontext():
-                for start in range(0, len(indices), step):
-                    stop = min(len(indices), start + step)
+            with _heap_policy(incremental):
+                for start, stop in batch_slices(len(indices), batch):
                     logits = run(start, stop)
                     scores[indices[start:stop]] = torch.softmax(logits.double(), dim=1)[:, label].cpu()
         theoretical = self.estimate(shape, p, s, tau).theoretical_speedup()
@@ -615,8 +624,8 @@ class Explainer:
             memory=memory,
             theoretical_speedup=theoretical,
             executed_speedup=full_macs / executed_macs if executed_macs else 1.0,
-            true_change_speedup=full_macs / changed_macs if changed_macs else 1.0, groups=len(groups), cache=cache, tau=float(tau), precision=opts.precision, incremental=incremental,
-            fallback_reason=fallback,
+            true_change_speedup=full_macs / changed_macs if changed_macs else 1.0, groups=len(groups),
+            cache=cache, tau=float(tau), precision=opts.precision, incremental=incremental, fallback_reason=fallback,
         )
         return _Run(exp, full_macs, executed_macs, changed_macs)
 
