@@ -38,7 +38,8 @@ CUDA_METHOD = "torch.cuda.max_memory_allocated minus memory_allocated at request
 _libc = None
 
 
-def _malloc_trim() -> None:
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the OS (glibc ``malloc_trim(0)``; a no-op elsewhere)."""
     global _libc
     try:
         if _libc is None:
@@ -53,7 +54,7 @@ def release_free_memory() -> None:
     import gc
 
     gc.collect()
-    _malloc_trim()
+    trim_heap()
 
 
 def _status_kb() -> Dict[str, int]:
@@ -99,7 +100,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(dev)
             self._base = torch.cuda.memory_allocated(dev)
             return self
-        _malloc_trim()
+        trim_heap()
         if _reset_hwm():
             st = _status_kb()
             if "VmRSS" in st and "VmHWM" in st:
