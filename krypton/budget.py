@@ -1,21 +1,31 @@
 """The memory budget as a promise: a measured model of a run's peak memory, and the batch that fits.
 
-A plan knows the bytes its live tensors take per position (`peak_bytes_per_position`), but the
-process's real peak is larger: the materialized activations and their channels_last copies, oneDNN's
-reorders and scratch, the allocator's slack. Measured here (resnet18, 224 px, P16 S4, peak RSS delta):
-incremental 154 / 168 / 357 MB at batch 8 / 32 / 128 against 37 / 53 / 117 MB planned. So the engine
-models a run's peak as
+A plan knows the bytes its live tensors take per position (`peak_bytes_per_position`; times the batch:
+the run's planned bytes), but the process's peak is larger and not proportional to it: the materialized
+activations and their channels_last copies, every position group's runner (its weights in channels_last),
+oneDNN's reorders and scratch, and glibc's heap, whose freed chunks a run reuses only in part, so that the
+pages it touches exceed what it holds at once. Measured (resnet18, 224 px, P16 S8, one thread, peak RSS
+delta of whole-grid requests): 189-203 / 201-211 / 254-260 / 410-435 MB at batch 1 / 16 / 64 / 256 against
+0.7 / 11 / 43 / 170 MB planned: a large part every run holds and a slope that changes with the batch (a line
+through a probe of one position, one plan, and one at batch 256 estimated batch 16 at 0.6-0.7x its peak).
 
-    peak(batch) = fixed + factor * planned_bytes_per_position * batch
+So `calibrate()` measures peaks at a few batch sizes through the request's own code path (every position
+group of the grid with its own plan, a few positions of each, in explain()'s order; see `probe_batches`),
+and `MemoryModel` interpolates between them in planned bytes, which carries over to the other strides, tau
+and precisions a request may ask for (their plans plan other bytes per position). Uncalibrated, it is the
+conservative line 2 x materialized bytes + 3 x planned. `fit_batch` picks the largest batch whose modelled
+peak, times SAFETY, fits the budget; an explicit batch size above it is clamped, and the response says so.
 
-with `fixed` and `factor` measured per model and method by `calibrate()` (a probe run of one position
-gives `fixed`, a larger one the slope; the server does it at model load), or, uncalibrated, the conservative
-default fixed = 2 x materialized bytes and factor = 3 (the worst ratio measured on the default models).
-`fit_batch` picks the largest batch whose modelled peak, plus a safety margin, stays within the
-budget; an explicit batch size above it is clamped, and the response says so.
+The heap's history moves peaks: a worker whose earlier runs grew glibc's heap places a run's tensors over
+more of its free chunks (inception_v3 at batch 64: 600-650 MB in a fresh worker, 800-1050 MB after the
+calibration's probes). Every allocation of 4 MB or more in its own mapping (mallopt M_MMAP_THRESHOLD) makes
+peaks repeat to 1% and lowers them (resnet18 at batch 256: 286-289 against 381-512 MB), but costs explain()
+time: resnet18 +36% (+13% at 16 MB; +17% at 4 MB with transparent huge pages for the mappings, vgg16 +4%), so
+the heap keeps glibc's defaults and the calibration measures on a heap its largest runs have grown.
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,92 +37,139 @@ from .memory import PeakMemory
 
 MAX_AUTO_BATCH = 256
 DEFAULT_FACTOR = 3.0
-SAFETY = 1.15  # the modelled peak times this must fit the budget: repeated runs vary by ~10%
-BATCHES_PER_PROBE = 2  # the heap grows over a run's first batches: one batch alone understates the peak
-PROBE_CAP = {"incremental": 256, "naive": 8}  # naive peaks grow linearly; its probe images are costly
-SLOPE_MARGIN = 1.1  # the slope is extrapolated past the probe's batch (naive) and varies run to run
+# The modelled peak times this must fit the budget. The heap's history varies peaks beyond PEAK_MARGIN: a
+# worker's requests measured 0.77-1.31x their estimate (scripts/bench_memory.py; the low end inception_v3
+# after runs that had grown the heap), so 1 / 0.77 and a little more.
+SAFETY = 1.35
+# The heap's history varies a request's peak: efficientnet_lite0's naive batch of 60 peaked at 870-935 MB in a
+# fresh worker and 990-1040 MB after the calibration's probes; probes ran 0.87-1.06x a whole request at the
+# same batch (resnet18, vgg16). The measured points are raised by this, so that the estimate bounds them.
+PEAK_MARGIN = 1.15
+PROBE_DIVISORS = (16, 4)  # probe batches: 1, largest // 16, largest // 4 and the largest that fits the budget
+# A run's peak grows over its first batches (efficientnet_lite0 naive at batch 60: 800 MB after one, 860-920
+# after two to four): each probe runs this many batches of every position group.
+BATCHES_PER_PROBE = 2
 
 
 @dataclass(frozen=True)
 class MemoryModel:
-    """peak = fixed + extra + factor * per_position * batch; `fixed` None means 2 x the materialized bytes.
+    """A run's peak from its planned bytes (bytes per position x batch), plus `extra_bytes`.
 
-    `extra_bytes`: what a run holds besides what `fixed` was measured with (a model-dtype run): for a low
-    precision, its cast copy of the activations (counted twice, like `fixed` counts the model's own: the
-    values and the stitch op's channels_last copies) and, on the run that builds it, the converted copy
-    of the weights. `per_position` is in the dtype that runs, so it scales with its element size;
-    `factor` (measured / planned bytes) is taken to hold in every dtype (bf16 runs measured 0.96-1.08x
-    of their estimate on efficientnet_lite0 and vgg16)."""
+    Calibrated: measured (planned bytes, peak bytes) `points`, in increasing order. Below the first the peak
+    is the first's (what every run holds whatever its batch), past the last it grows by `factor` peak bytes
+    per planned byte; in between, the chord of the two points around it, or where the measured curve bends
+    down (it does: the per-position cost falls as batches grow) the previous segment continued, at most
+    the next point: an upper bound whichever way the curve bends between two points. Uncalibrated (no
+    points): 2 x the materialized bytes + `factor` x planned, which over-estimates every default model.
 
+    `extra_bytes`: what a run holds besides what the points were measured with (model-dtype runs): for a low
+    precision, its cast copy of the activations (counted twice, like the model's own: the values and the
+    stitch op's channels_last copies) and, on the run that builds it, the converted copy of the weights.
+    The planned bytes are in the dtype that runs, so a bf16 run reads the curve at half its float32 bytes.
+    """
+
+    points: tuple[tuple[int, int], ...] = ()
     factor: float = DEFAULT_FACTOR
-    fixed_bytes: int | None = None
     source: str = "default"  # "default" or "calibrated"
 
     def peak(self, per_position: int, batch: int, materialized_bytes: int, extra_bytes: int = 0) -> int:
-        fixed = 2 * materialized_bytes if self.fixed_bytes is None else self.fixed_bytes
-        return int(fixed + extra_bytes + self.factor * per_position * batch)
+        planned = per_position * batch
+        if not self.points:
+            return int(2 * materialized_bytes + extra_bytes + self.factor * planned)
+        xs, ys = zip(*self.points)
+        if planned >= xs[-1]:
+            return int(ys[-1] + extra_bytes + self.factor * (planned - xs[-1]))
+        i = bisect.bisect_right(xs, planned)  # xs[i - 1] <= planned < xs[i]
+        if i == 0:
+            return int(ys[0] + extra_bytes)
+
+        def line(a: int, b: int) -> float:  # through points a and b, at `planned`
+            return ys[a] + (ys[b] - ys[a]) * (planned - xs[a]) / (xs[b] - xs[a])
+
+        bent = min(ys[i], line(i - 2, i - 1)) if i >= 2 else 0
+        return int(max(line(i - 1, i), bent) + extra_bytes)
+
+    @classmethod
+    def measured(cls, samples) -> "MemoryModel":
+        """The model through measured (planned bytes, peak bytes) samples (repeats allowed: the largest peak
+        counts), raised by PEAK_MARGIN and made non-decreasing (more planned bytes never peak lower). Past
+        the last point it grows by the steeper of the last segment and the chord from the first point, and
+        at least 1 byte per planned byte."""
+        best: dict[int, int] = {}
+        for planned, peak in samples:
+            best[int(planned)] = max(best.get(int(planned), 0), int(peak))
+        xs = sorted(best)
+        ys = np.maximum.accumulate([PEAK_MARGIN * best[x] for x in xs])
+        slopes = [1.0]
+        if len(xs) > 1:
+            slopes += [(ys[-1] - ys[-2]) / (xs[-1] - xs[-2]), (ys[-1] - ys[0]) / (xs[-1] - xs[0])]
+        return cls(tuple((x, int(y)) for x, y in zip(xs, ys)), float(max(slopes)), "calibrated")
 
 
 def fit_batch(model: MemoryModel, per_position: int, positions: int, budget: int, materialized_bytes: int,
               requested: int | None, extra_bytes: int = 0) -> int:
     """The batch size to run: the requested one or the largest automatic one, never over the budget."""
-    fixed = model.peak(per_position, 0, materialized_bytes, extra_bytes)
-    room = budget / SAFETY - fixed
-    fits = int(room // max(1.0, model.factor * per_position)) if room > 0 else 0
-    if fits < 1:
+    def fits(batch: int) -> bool:
+        return SAFETY * model.peak(per_position, batch, materialized_bytes, extra_bytes) <= budget
+
+    if not fits(1):
         least = int(SAFETY * model.peak(per_position, 1, materialized_bytes, extra_bytes))
         raise OptionError("memory_budget", budget, f"at least {least} bytes for this model, input, method and "
                           "precision (one position per batch)", "is too small")
-    cap = positions if requested is not None else min(positions, MAX_AUTO_BATCH)
-    return max(1, min(cap, fits, requested or fits))
+    cap = max(1, min(positions, requested if requested is not None else MAX_AUTO_BATCH))
+    lo, hi = 1, cap  # the modelled peak grows with the batch: the largest batch that fits, by bisection
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
 
 
-def _central(origins: np.ndarray, height: int, width: int, patch_size: int, count: int) -> np.ndarray:
-    """The `count` positions nearest the image centre: the largest windows, so the probe is an upper bound."""
-    centre = np.array([(height - patch_size) / 2, (width - patch_size) / 2])
-    order = np.argsort(np.abs(origins - centre).max(axis=1), kind="stable")
-    return origins[np.sort(order[:count])]
+def probe_batches(largest: int) -> list[int]:
+    """The batch sizes calibrate() measures below `largest` (the largest it measures)."""
+    return sorted({1, *(max(1, largest // d) for d in PROBE_DIVISORS)} - {largest})
 
 
 def calibrate(explainer, input_shape, patch_size: int, stride: int, budget: int,
               methods=("incremental", "naive")) -> dict:
     """Measure `MemoryModel`s of `explainer` for an input shape and budget. Returns {method: MemoryModel}.
 
-    Peaks do not grow linearly in the batch (resnet18: the per-position cost between batch 1 and 64 is
-    half of that at 256), so the slope is measured near where the method will run: after one unmeasured
-    run (a warm heap, as in a long-lived worker), a probe of one position gives `fixed` and one of
-    BATCHES_PER_PROBE batches at the batch the uncalibrated model picks under `budget` (at most
-    PROBE_CAP) gives the slope. Probes use the positions nearest the centre (the largest windows;
-    explain() runs its largest windows first too).
+    Per method: one batch of each position group at the largest batch the uncalibrated model lets the
+    budget hold (every method's first, see below), BATCHES_PER_PROBE batches at each of `probe_batches`
+    below it, then as many at the largest batch the model measured so far lets the budget hold, so that the
+    batch a request gets is interpolated, not extrapolated. Each probe is `Explainer._probe`: a request's
+    code path from materializing the clean image (a random one) on, for a few positions of each group.
     """
     _, c, h, w = input_shape
-    origins = geo.grid_origins(h, w, patch_size, stride)
-    image = torch.randn(c, h, w, generator=torch.Generator().manual_seed(0)).to(explainer.dtype)
+    positions = len(geo.grid_origins(h, w, patch_size, stride))
+    image = torch.randn(1, c, h, w, generator=torch.Generator().manual_seed(0)).to(explainer.dtype)
 
-    def probe(method, batch):
-        positions = _central(origins, h, w, patch_size, min(len(origins), batch * BATCHES_PER_PROBE))
-        plan = explainer.plan(tuple(input_shape), patch_size, stride, 1.0, positions)  # built outside the probe
-        per_position = plan.peak_bytes_per_position if method == "incremental" else explainer._naive_bytes(plan)
+    def probe(method: str, batch: int, batches: int = BATCHES_PER_PROBE) -> tuple[int, int, int, int]:
+        """(bytes per position, planned bytes, measured peak bytes, materialized bytes) of one probe."""
         explainer.clear_cache()
         with PeakMemory(explainer.device) as pm:
-            exp = explainer.explain(image, patch_size=patch_size, stride=stride, origins=positions,
-                                    batch_size=batch, method=method)
-        return per_position, exp.memory["materialized_bytes"], pm.peak_bytes or 0
+            exp = explainer._probe(image, method, batch, patch_size, stride, batches * batch)
+        mem = exp.memory
+        return mem["peak_working_bytes"] // exp.batch_size, mem["peak_working_bytes"], pm.peak_bytes or 0, \
+            mem["materialized_bytes"]
 
-    models = {}
+    def largest_fitting(model: MemoryModel, per_position: int, mats: int) -> int:
+        try:
+            return fit_batch(model, per_position, positions, budget, mats, None)
+        except OptionError:  # not even one position: calibrate at one, the request will say so
+            return 1
+
+    # Every method's largest batch first: the measured probes then run on a heap those runs have grown, as a
+    # long-lived worker's requests do (inception_v3 at batch 64: 600-650 MB in a fresh worker, 730-800 MB
+    # after naive runs had grown the heap).
+    first = {}
     for method in methods:
-        per_position, mats, _ = probe(method, 1)
-        batch = min(PROBE_CAP[method], fit_batch(MemoryModel(), per_position, len(origins), budget, mats, None))
-        if batch > 1:
-            # A fresh heap understates a long-lived worker's peaks (resnet18: 327 MB on the first run, up
-            # to 517 MB on the next ones): one unmeasured run first, then the two measured probes.
-            probe(method, batch)
-            _, _, fixed = probe(method, 1)
-            per_position, mats, peak = probe(method, batch)
-            slope = (peak - fixed) / ((batch - 1) * per_position)
-            models[method] = MemoryModel(max(1.0, SLOPE_MARGIN * slope), int(fixed), "calibrated")
-        else:  # the budget holds one position at a time: nothing to extrapolate
-            _, _, fixed = probe(method, 1)
-            models[method] = MemoryModel(DEFAULT_FACTOR, int(fixed), "calibrated")
+        per_position, _, _, mats = probe(method, 1, 1)  # its peak includes one-time costs: not a sample
+        largest = largest_fitting(MemoryModel(), per_position, mats)
+        first[method] = per_position, mats, largest, probe(method, largest, 1)[1:3]
+    models = {}
+    for method, (per_position, mats, largest, sample) in first.items():
+        samples = [sample] + [probe(method, batch)[1:3] for batch in probe_batches(largest)]
+        samples.append(probe(method, largest_fitting(MemoryModel.measured(samples), per_position, mats))[1:3])
+        models[method] = MemoryModel.measured(samples)
     explainer.clear_cache()
     return models

@@ -353,6 +353,16 @@ class Explainer:
         self.memory_models = calibrate(self, tuple(input_shape), patch_size, stride, memory_budget)
         return dict(self.memory_models)
 
+    def _probe(self, image: torch.Tensor, method: str, batch: int, patch_size: int, stride: int,
+               positions_per_group: int) -> Explanation:
+        """One probe of the memory calibration (budget.calibrate): explain()'s run of the grid of `image`
+        (1, C, H, W) with `method` at `batch`, only `positions_per_group` positions of each position group:
+        the plans, tensor shapes and order of a whole request at a fraction of its time (the heatmap's other
+        cells are not set)."""
+        opts = resolve(tuple(image.shape), None, lambda: None, patch_size=patch_size, stride=stride,
+                       batch_size=batch, method=method, memory_budget=1 << 62)  # the batch as given
+        return self._run(image, opts, time.perf_counter(), positions_per_group).explanation
+
     def clear_cache(self) -> None:
         """Forget the materialized activations kept between calls (plans stay cached)."""
         self._mats.clear()
@@ -504,7 +514,8 @@ class Explainer:
             method: "incremental" (Krypton) or "naive" (full re-inference of every occluded image, the
                 baseline kept for verification; no approximations).
             normalize: (mean, std) of the model's input normalization, for the named fills.
-            memory_budget: bytes the working set of one batch may take (default 1 GiB).
+            memory_budget: bytes the run's peak memory may take (default 1 GiB): it chooses `batch_size` and
+                clamps an explicit one that would not fit (`memory["batch_size_requested"]`; budget.py).
             tau: projective-field threshold in (0, 1]; 1 is exact, lower is faster and approximate.
             origins: explicit (n, 2) patch corners (y, x) instead of the grid; the heatmap is then (1, n).
             target_ssim: choose the whole configuration (precision, tau, drill-down) as the fastest one whose
@@ -557,8 +568,10 @@ class Explainer:
         exact = self.estimate(shape, opts.patch_size, stride, 1.0).theoretical_speedup()
         return float(self.estimate(shape, opts.patch_size, stride, opts.tau).theoretical_speedup() / exact)
 
-    def _run(self, image: torch.Tensor, opts: ExplainOptions, t0: float) -> _Run:
-        """Every position of `opts` (its grid, or its explicit origins) against the clean image's activations."""
+    def _run(self, image: torch.Tensor, opts: ExplainOptions, t0: float,
+             positions_per_group: int | None = None) -> _Run:
+        """Every position of `opts` (its grid, or its explicit origins) against the clean image's activations;
+        with `positions_per_group`, only that many of each position group (the memory calibration's probes)."""
         shape = tuple(image.shape)
         _, c, h, w = shape
         p, s, tau = opts.patch_size, opts.stride, opts.tau
@@ -607,8 +620,9 @@ class Explainer:
             full_macs += full * len(indices)
             executed_macs += (inc if opts.method == "incremental" else full) * len(indices)
             changed_macs += (plan.changed_macs() if opts.method == "incremental" else full) * len(indices)
+            count = len(indices) if positions_per_group is None else min(len(indices), positions_per_group)
             with _heap_policy(incremental):
-                for start, stop in batch_slices(len(indices), batch):
+                for start, stop in batch_slices(count, batch):
                     logits = run(start, stop)
                     scores[indices[start:stop]] = torch.softmax(logits.double(), dim=1)[:, label].cpu()
         theoretical = self.estimate(shape, p, s, tau).theoretical_speedup()
