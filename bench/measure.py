@@ -16,6 +16,7 @@ import datetime
 import gc
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -134,6 +135,33 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_snapshot() -> dict | None:
+    """Busy CPU seconds of the whole machine (/proc/stat) and of this process and its children."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal ...: busy = all but idle and iowait.
+    busy = sum(fields[:3]) + sum(fields[5:8])
+    own = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime"))
+    return {"wall": time.time(), "busy_s": busy / os.sysconf("SC_CLK_TCK"), "own_s": own}
+
+
+def others_cpu_share(start: dict | None) -> float | None:
+    """Share of the machine's CPU time used by OTHER processes since `start` (0 = quiet, 1 = all of it).
+
+    The load average cannot tell: a benchmark using every core raises it to the core count by itself.
+    """
+    end = cpu_snapshot()
+    if start is None or end is None:
+        return None
+    wall = (end["wall"] - start["wall"]) * (os.cpu_count() or 1)
+    others = (end["busy_s"] - start["busy_s"]) - (end["own_s"] - start["own_s"])
+    return round(max(0.0, others) / wall, 3) if wall > 0 else None
+
+
 def machine_info(device: str | torch.device = "cpu") -> dict:
     device = torch.device(device)
     info = {
@@ -151,6 +179,7 @@ def machine_info(device: str | torch.device = "cpu") -> dict:
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "cpu_snapshot_start": cpu_snapshot(),
         # Settings that change the timings: thread counts and oneDNN's primitive cache (default 1024
         # primitives; krypton's many window shapes can overflow it, see bench/README.md).
         "env": {k: v for k, v in sorted(os.environ.items())

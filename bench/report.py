@@ -91,11 +91,18 @@ def markdown(result: dict) -> str:
     out = [f"# Krypton benchmark: {result['name']}", ""]
     load = (m.get("load_average_start") or [0])[0] or 0
     load_end = (m.get("load_average_end") or [0])[0] or 0
-    busy = max(load, load_end) > 0.5 * (m.get("cpus_usable") or 1) + 0.5 and m["device"] == "cpu"
+    others = m.get("others_cpu_share")
+    if others is not None:  # CPU time of other processes: our own threads do not count
+        busy = others > 0.1
+    else:  # older results: only the load average
+        busy = max(load, load_end) > 0.5 * (m.get("cpus_usable") or 1) + 0.5 and m["device"] == "cpu"
     if s.get("preset") == "quick":
         out += ["> **QUICK PRESET** (smaller problem, fewer samples): an example of the output, NOT the "
                 "reference numbers.", ""]
-    if busy:
+    if busy and others is not None:
+        out += [f"> **NOISY**: other processes used {others:.0%} of the machine's CPU time during the run: "
+                "timings are unreliable.", ""]
+    elif busy:
         out += [f"> **NOISY**: the machine was busy (1-min load average {load:.1f} at start, {load_end:.1f} at "
                 f"the end, on {m.get('cpus_usable')} cores): other processes shared the CPU, timings are "
                 "unreliable.", ""]
@@ -108,7 +115,8 @@ def markdown(result: dict) -> str:
         f"{m.get('krypton_stitch_backend')}",
         f"- Environment: {', '.join(f'{k}={v}' for k, v in (m.get('env') or {}).items()) or 'no ONEDNN_/OMP_/MKL_ settings'}",
         f"- Load average at start / end: {_f(m.get('load_average_start', [None])[0])} / "
-        f"{_f((m.get('load_average_end') or [None])[0])} (1 min)",
+        f"{_f((m.get('load_average_end') or [None])[0])} (1 min)" +
+        (f"; other processes used {others:.1%} of the CPU time" if others is not None else ""),
         f"- Setting: patch {s['patch']}, stride {s['stride']}, fill {s['fill']!r}, images "
         f"{', '.join(s['images'])}; total wall time {result.get('wall_seconds', 0) / 60:.1f} min",
         f"- Peak memory: {m.get('memory_method')}",

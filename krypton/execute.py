@@ -18,14 +18,26 @@ from .errors import ModelError
 from .nodes import CONST, INC
 
 
-class Materialized:
-    """All activations of the clean image, keyed by fx node (one copy serves every position)."""
+_COMPUTED = ("call_function", "call_module", "call_method")  # node ops whose values the clean pass makes
 
-    def __init__(self, values: dict[fx.Node, object], output: torch.Tensor):
+
+class Materialized:
+    """The activations of the clean image, keyed by fx node (one copy serves every position).
+
+    `kept`: the names of the nodes whose values were kept (what plans read, Plan.clean_reads), or None
+    when every node's was."""
+
+    def __init__(self, values: dict[fx.Node, object], output: torch.Tensor, kept: frozenset[str] | None = None):
         self.values = values
         self.output = output
-        self.nbytes = sum(_nbytes(v) for v in values.values())
+        self.kept = kept
+        # what the clean pass allocated: not the input image, nor parameters (get_attr) that the model holds
+        self.nbytes = sum(_nbytes(v) for n, v in values.items() if n.op in _COMPUTED)
         self._planar: dict[tuple[fx.Node, bool], torch.Tensor] = {}
+
+    def covers(self, needed: frozenset[str] | None) -> bool:
+        """True when every node in `needed` (None: all of them) was kept."""
+        return self.kept is None or (needed is not None and needed <= self.kept)
 
     def converted(self, capture, dtype: torch.dtype) -> "Materialized":
         """These activations cast to another floating dtype and keyed by the nodes of `capture` (a converted
@@ -34,7 +46,7 @@ class Materialized:
             return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
 
         values = {capture.node_named(n.name): fx.node.map_aggregate(v, cast) for n, v in self.values.items()}
-        return Materialized(values, self.output.to(dtype))
+        return Materialized(values, self.output.to(dtype), self.kept)
 
     def planar(self, node: fx.Node, channels_last: bool) -> torch.Tensor:
         """The node's activation as (C, H, W), laid out for the stitch op (HWC when channels_last).
@@ -75,10 +87,19 @@ def _run_node(capture, node: fx.Node, env, keep_inputs: bool = False) -> object:
 
 
 @torch.no_grad()
-def run_graph(capture, image: torch.Tensor) -> dict[fx.Node, object]:
-    """Run `image` (1, C, H, W) through the graph, keeping every node's value (the output node's too)."""
+def run_graph(capture, image: torch.Tensor, keep: frozenset[str] | None = None) -> dict[fx.Node, object]:
+    """Run `image` (1, C, H, W) through the graph, keeping every node's value (the output node's too), or
+    with `keep` only those of the nodes named there (and the output's, the inputs', the parameters'): the
+    others are dropped after their last use, so the clean pass never holds more than it keeps plus what
+    is live."""
     env: dict[fx.Node, object] = {}
-    for node in capture.nodes:
+    nodes = capture.nodes
+    last_use = {}
+    if keep is not None:
+        for idx, node in enumerate(nodes):
+            for i in node.all_input_nodes:
+                last_use[i] = idx
+    for idx, node in enumerate(nodes):
         if node.op == "placeholder":
             env[node] = image
         elif node.op == "get_attr":
@@ -87,17 +108,22 @@ def run_graph(capture, image: torch.Tensor) -> dict[fx.Node, object]:
             env[node] = fx.node.map_arg(node.args[0], lambda n: env[n])
         else:
             env[node] = _run_node(capture, node, env, keep_inputs=True)
+        if keep is not None:
+            for i in [node, *node.all_input_nodes]:
+                if i.op in _COMPUTED and i.name not in keep and last_use.get(i, -1) <= idx:
+                    env.pop(i, None)
     return env
 
 
-def materialize(capture, image: torch.Tensor) -> Materialized:
-    """All activations of the clean image; its output must be one row of logits."""
-    env = run_graph(capture, image)
+def materialize(capture, image: torch.Tensor, keep: frozenset[str] | None = None) -> Materialized:
+    """The activations of the clean image (all, or those of the nodes named in `keep`); its output must be
+    one row of logits."""
+    env = run_graph(capture, image, keep)
     output = env.pop(next(n for n in capture.nodes if n.op == "output"))
     if not isinstance(output, torch.Tensor) or output.dim() != 2 or output.shape[0] != 1:
         raise ModelError("model output must be one logits tensor of shape (1, classes); got "
                          f"{type(output).__name__}{tuple(output.shape) if isinstance(output, torch.Tensor) else ''}")
-    return Materialized(env, output)
+    return Materialized(env, output, keep)
 
 
 def _get_attr(gm: fx.GraphModule, target: str):

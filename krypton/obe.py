@@ -260,6 +260,7 @@ class Explainer:
         self._mats = _LRU(int(cache_bytes), weigh=lambda m: m.nbytes)
         self._groups = _LRU(64)  # keyed by request options (tau is any float): bounded like every cache here
         self._estimates = _LRU(64)
+        self._reads = _LRU(64)  # input shape -> the clean activations its plans read (_needed)
         self._opaque_bytes: dict = {}  # (input shape, dtype) -> measured per-position bytes of an opaque model
         self._converted: dict = {}  # dtype -> Capture.converted(dtype): what a low precision runs on
         self._fingerprint = _fingerprint(model)
@@ -281,7 +282,7 @@ class Explainer:
         if fingerprint != self._fingerprint:
             self.capture = Capture(self.model, self._rules)
             self._converted.clear()
-            for cache in (self._plans, self._grids, self._mats, self._estimates, self._groups):
+            for cache in (self._plans, self._grids, self._mats, self._estimates, self._groups, self._reads):
                 cache.clear()
             self._fingerprint = fingerprint
 
@@ -368,37 +369,42 @@ class Explainer:
         self._mats.clear()
 
     def materialized(self, image: torch.Tensor, dtype: torch.dtype | None = None,
-                     clean: Materialized | None = None, stock_layout: bool = False) -> tuple[Materialized, str]:
+                     clean: Materialized | None = None, stock_layout: bool = False,
+                     needed: frozenset[str] | None = None) -> tuple[Materialized, str]:
         """The clean image's activations (cached by the image's hash), in the model's dtype or cast to `dtype`
         for a low-precision run (cached next to them, keyed by the dtype too). `clean`: the model-dtype
         activations of the same image, when the caller holds them already (cast, not looked up again).
         `stock_layout`: run the clean pass in the image's own layout, so that its output is model(image) bit
-        for bit (IncrementalModel.reference); by default it runs in the windows' layout (see _materialize)."""
+        for bit (IncrementalModel.reference); by default it runs in the windows' layout (see _materialize).
+        `needed`: the nodes whose values the caller's plans read (Plan.clean_reads; None: all): only those
+        are kept, and a cached copy that lacks one is a miss (the clean pass runs again, keeping both)."""
         dtype = dtype or self.dtype
         stock_layout = stock_layout or not self.channels_last
         key = (_image_key(image), dtype, stock_layout)
         mats = self._mats.get(key)
-        if mats is not None:
+        if mats is not None and mats.covers(needed):
             return mats, "hit"
+        keep = None if needed is None else needed | (mats.kept if mats is not None else frozenset())
         if dtype == self.dtype:
-            mats = materialize(self.capture, image) if stock_layout else self._materialize(image)
+            mats = materialize(self.capture, image, keep) if stock_layout else self._materialize(image, keep)
         else:  # the model's own clean run, cast: closer to it than a clean run in the low precision
-            clean = clean or self.materialized(image, stock_layout=stock_layout)[0]
+            if clean is None or not clean.covers(keep):
+                clean = self.materialized(image, stock_layout=stock_layout, needed=keep)[0]
             mats = clean.converted(self.capture_in(dtype), dtype)
         self._mats.put(key, mats)
         return mats, "miss"
 
-    def _materialize(self, image: torch.Tensor) -> Materialized:
+    def _materialize(self, image: torch.Tensor, keep: frozenset[str] | None = None) -> Materialized:
         """The clean run in channels_last (the windows' layout): its activations are then already laid out
         for the stitch op (Materialized.planar), not copied once more (Inception3: a probe run's peak
         270 -> 215 MB, and faster); its logits differ from model(image)'s by float rounding only. A model
         that rejects channels_last inputs gets its own layout."""
         if image.dim() == 4:
             try:
-                return materialize(self.capture, image.contiguous(memory_format=torch.channels_last))
+                return materialize(self.capture, image.contiguous(memory_format=torch.channels_last), keep)
             except RuntimeError:  # e.g. a .view() of a spatial map: only contiguous tensors allow it
                 pass
-        return materialize(self.capture, image)
+        return materialize(self.capture, image, keep)
 
     def groups(self, input_shape, patch_size: int, stride: int, tau: float = 1.0) -> list:
         """Position groups of the full grid that run as separate plans with tighter windows (grouping.py).
@@ -576,14 +582,9 @@ class Explainer:
         _, c, h, w = shape
         p, s, tau = opts.patch_size, opts.stride, opts.tau
         dtype = opts.dtype or self.dtype  # what the positions run in
-        mats, run_mats, cache, added = self._activations(image, opts.precision, dtype)
-        probs = torch.softmax(mats.output.double(), dim=1)[0]
-        predicted = int(probs.argmax())
-        label = predicted if opts.target is None else opts.target
-        # what a low precision holds besides the model's own activations (budget.MemoryModel)
-        extra_bytes = 2 * added.get("cast_materialized_bytes", 0) + added.get("converted_weights_bytes", 0)
-        t1 = time.perf_counter()
-
+        converting = dtype != self.dtype and dtype not in self._converted
+        self._check_precision_runs(shape, opts.precision, dtype)  # builds the converted copy once
+        planning = time.perf_counter()
         if opts.method == "incremental":
             # explicit origins (drill-down's stage 2) run as one group
             groups = self.grid_plans(shape, p, s, tau, dtype) if opts.origins is None else \
@@ -599,6 +600,15 @@ class Explainer:
             per_position = self._naive_bytes(groups[0][1], dtype)
             fallback = self.capture.trace_failure or "method=naive: full re-inference of every occluded image"
             incremental = False
+        planning = time.perf_counter() - planning  # cached plans: ~0; counted with the positions, not the clean pass
+        mats, run_mats, cache, added = self._activations(image, dtype, converting, self._needed(shape, groups)
+                                                         if incremental else frozenset())
+        probs = torch.softmax(mats.output.double(), dim=1)[0]
+        predicted = int(probs.argmax())
+        label = predicted if opts.target is None else opts.target
+        # what a low precision holds besides the model's own activations (budget.MemoryModel)
+        extra_bytes = 2 * added.get("cast_materialized_bytes", 0) + added.get("converted_weights_bytes", 0)
+        t1 = time.perf_counter() - planning
         # the largest windows first: later groups' smaller tensors fit in the chunks the first one freed,
         # so the heap does not grow group after group (resnet18 P16 S8: peak RSS 490-600 -> 390-460 MB)
         groups = sorted(groups, key=lambda g: -g[1].peak_bytes_per_position)
@@ -643,16 +653,24 @@ class Explainer:
         )
         return _Run(exp, full_macs, executed_macs, changed_macs)
 
-    def _activations(self, image: torch.Tensor, precision: str, dtype) -> tuple[Materialized, Materialized, str, dict]:
+    def _needed(self, shape: tuple, groups) -> frozenset[str]:
+        """The clean activations the plans of `groups` read, joined with what earlier plans of the same input
+        shape read (drill-down's stage 2 plans differ from stage 1's): the cached copy of an image then
+        serves all of them."""
+        needed = frozenset().union(*(plan.clean_reads for _, plan in groups)) | (self._reads.get(shape) or frozenset())
+        self._reads.put(shape, needed)
+        return needed
+
+    def _activations(self, image: torch.Tensor, dtype, converting: bool,
+                     needed: frozenset[str] | None) -> tuple[Materialized, Materialized, str, dict]:
         """(the clean run's activations, in the model's dtype: label and probability; those the positions run
         against; cache hit or miss; the bytes a low precision adds): its cast copy of the activations and,
-        on the run that builds it, the converted copy of the weights (kept for later runs)."""
-        converting = dtype != self.dtype and dtype not in self._converted
-        self._check_precision_runs(tuple(image.shape), precision, dtype)  # builds the converted copy once
-        mats, cache = self.materialized(image)
+        when this request built it (`converting`), the converted copy of the weights (kept for later runs).
+        `needed`: see materialized()."""
+        mats, cache = self.materialized(image, needed=needed)
         if dtype == self.dtype:
             return mats, mats, cache, {}
-        run_mats, run_cache = self.materialized(image, dtype, clean=mats)
+        run_mats, run_cache = self.materialized(image, dtype, clean=mats, needed=needed)
         added = {"cast_materialized_bytes": run_mats.nbytes}
         if converting:
             added["converted_weights_bytes"] = _weight_bytes(self.capture_in(dtype).gm)

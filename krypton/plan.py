@@ -80,6 +80,7 @@ class Plan(Costed):
     layers: list[LayerCost]
     peak_bytes_per_position: int
     fallback: str | None  # where and why the incremental part ends (None: it reaches the output)
+    clean_reads: frozenset[str]  # the nodes whose clean activations the steps read (_clean_reads)
 
     @property
     def positions(self) -> int:
@@ -316,7 +317,26 @@ class Builder(Walk):
             origin_tensors={n: r.origin_tensor() for n, r in self.rects.items()}, steps=steps,
             shapes=self.shapes, output=self.output, last_use=last_use, layers=self.layers,
             peak_bytes_per_position=_peak_bytes(steps, last_use), fallback=self.fallback,
+            clean_reads=_clean_reads(steps, self.states, self.output),
         )
+
+
+def _clean_reads(steps: list[Step], states: dict, output: fx.Node) -> frozenset[str]:
+    """Names of the nodes whose materialized (clean) values the steps read: a window step's input and a
+    boxed step's stitched inputs (the stitch op pastes the patches into them), a projection's node, and the
+    constant inputs of the global part and of the output. Only these need keeping: the clean pass drops
+    the rest (Inception3 at 299 px: 124 -> 36 MB, EfficientNet-Lite0 85 -> 23 MB)."""
+    reads = set()
+    for step in steps:
+        if step.read_origin is not None:
+            reads.add(step.inputs[0].name)
+        reads.update(i.name for i, stitched in zip(step.inputs, step.stitch_inputs) if stitched)
+        if step.action is PROJECT_ACTION:
+            reads.add(step.node.name)
+        if step.full:
+            reads.update(i.name for i in step.node.all_input_nodes if states.get(i) == CONST)
+    reads.update(i.name for i in output.all_input_nodes if states.get(i) != INC)
+    return frozenset(reads)
 
 
 def _peak_bytes(steps: list[Step], last_use: dict) -> int:

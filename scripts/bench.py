@@ -303,7 +303,7 @@ def run_benchmark(args, models=None) -> dict:
     """models: [(name, nn.Module, preprocess dict, pretrained)] (default: krypton.models per --models)."""
     from bench import report
     from bench.images import model_inputs
-    from bench.measure import Meter, machine_info
+    from bench.measure import Meter, machine_info, others_cpu_share
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -337,6 +337,7 @@ def run_benchmark(args, models=None) -> dict:
         infos[mname] = info
         del model
     machine["load_average_end"] = list(os.getloadavg())
+    machine["others_cpu_share"] = others_cpu_share(machine["cpu_snapshot_start"])
     notes = [
         "Models marked RANDOM-INIT have untrained weights (torchvision's init, seeded): speed and memory are "
         "representative, the heatmaps and the SSIM of approximate modes are not (SSIM on a pretrained model "
