@@ -51,10 +51,6 @@ PROBE_DIVISORS = (16, 4)  # probe batches: 1, largest // 16, largest // 4 and th
 # A run's peak grows over its first batches (efficientnet_lite0 naive at batch 60: 800 MB after one, 860-920
 # after two to four): each probe runs this many batches of every position group.
 BATCHES_PER_PROBE = 2
-# At batch 1 a run's peak is mostly fixed costs that the heap's history moves by a third (resnet18 naive:
-# 41-61 MB for identical probes; one such probe, raised by PEAK_MARGIN, was 1.74x a later request's 43 MB):
-# that point is the median of this many probes (they are the cheapest ones).
-PROBES_AT_ONE = 3
 
 
 @dataclass(frozen=True)
@@ -172,14 +168,9 @@ def calibrate(explainer, input_shape, patch_size: int, stride: int, budget: int,
         per_position, _, _, mats = probe(method, 1, 1)  # its peak includes one-time costs: not a sample
         largest = largest_fitting(MemoryModel(), per_position, mats)
         first[method] = per_position, mats, largest, probe(method, largest, 1)[1:3]
-    def sample(method: str, batch: int) -> tuple[int, int]:
-        """(planned bytes, peak bytes) at `batch`: one probe, or the median of PROBES_AT_ONE at batch 1."""
-        runs = [probe(method, batch)[1:3] for _ in range(PROBES_AT_ONE if batch == 1 else 1)]
-        return runs[0][0], int(np.median([peak for _, peak in runs]))
-
     models = {}
-    for method, (per_position, mats, largest, sample_at_largest) in first.items():
-        samples = [sample_at_largest] + [sample(method, batch) for batch in probe_batches(largest)]
+    for method, (per_position, mats, largest, sample) in first.items():
+        samples = [sample] + [probe(method, batch)[1:3] for batch in probe_batches(largest)]
         samples.append(probe(method, largest_fitting(MemoryModel.measured(samples), per_position, mats))[1:3])
         models[method] = MemoryModel.measured(samples)
     explainer.clear_cache()

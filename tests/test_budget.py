@@ -125,10 +125,8 @@ def test_calibration_probes_the_grid_at_batches_up_to_what_the_budget_holds(net,
     largest = min(positions, budget.MAX_AUTO_BATCH)  # a roomy budget: the whole grid of a tiny net
     k = budget.BATCHES_PER_PROBE
     # per method one position (one-time costs) and the largest batch once, then two batches at each probe
-    # batch (at batch 1 PROBES_AT_ONE times: the median counts) and at the largest the measured model lets
-    # the budget hold
-    measured = [(b, k) for b in probe_batches(largest) for _ in range(budget.PROBES_AT_ONE if b == 1 else 1)] + \
-        [(largest, k)]
+    # batch and at the largest the measured model lets the budget hold
+    measured = [(b, k) for b in probe_batches(largest)] + [(largest, k)]
     assert calls == [(m, b, n) for m in models for b, n in ((1, 1), (largest, 1))] + \
         [(m, b, n) for m in models for b, n in measured]
     for m in models.values():
