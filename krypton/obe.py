@@ -584,7 +584,7 @@ class Explainer:
         dtype = opts.dtype or self.dtype  # what the positions run in
         converting = dtype != self.dtype and dtype not in self._converted
         self._check_precision_runs(shape, opts.precision, dtype)  # builds the converted copy once
-        planning = time.perf_counter()
+        planning_start = time.perf_counter()
         if opts.method == "incremental":
             # explicit origins (drill-down's stage 2) run as one group
             groups = self.grid_plans(shape, p, s, tau, dtype) if opts.origins is None else \
@@ -600,7 +600,7 @@ class Explainer:
             per_position = self._naive_bytes(groups[0][1], dtype)
             fallback = self.capture.trace_failure or "method=naive: full re-inference of every occluded image"
             incremental = False
-        planning = time.perf_counter() - planning  # cached plans: ~0; counted with the positions, not the clean pass
+        planning = time.perf_counter() - planning_start  # cached plans: ~0; counted with the positions, not the clean pass
         mats, run_mats, cache, added = self._activations(image, dtype, converting, self._needed(shape, groups)
                                                          if incremental else frozenset())
         probs = torch.softmax(mats.output.double(), dim=1)[0]
