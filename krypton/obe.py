@@ -600,7 +600,7 @@ class Explainer:
             per_position = self._naive_bytes(groups[0][1], dtype)
             fallback = self.capture.trace_failure or "method=naive: full re-inference of every occluded image"
             incremental = False
-        planning = time.perf_counter() - planning_start  # cached plans: ~0; counted with the positions, not the clean pass
+        planning = time.perf_counter() - planning_start  # cached plans: ~0; timed with the positions
         mats, run_mats, cache, added = self._activations(image, dtype, converting, self._needed(shape, groups)
                                                          if incremental else frozenset())
         probs = torch.softmax(mats.output.double(), dim=1)[0]
