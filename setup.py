@@ -49,7 +49,7 @@ def _want_cuda():
 def _extension():
     cxx = ["-O3", "-fopenmp"]
     link = ["-fopenmp"]
-    sources = ["ext/stitch.cpp"]
+    sources = ["ext/stitch.cpp", "ext/arena.cpp"]
     if _want_cuda():
         sources += ["ext/cuda/stitch_cuda.cpp", "ext/cuda/stitch_kernel.cu"]
         print("krypton: building CPU + CUDA kernels (torch CUDA %s)" % torch.version.cuda)

@@ -1,4 +1,4 @@
-// krypton::stitch — schema + CPU kernel (the only CPU translation unit: torch headers are heavy).
+// krypton::stitch — schema + CPU kernel (ext/arena.cpp is the other CPU translation unit).
 //
 // out[b,c,i,j], with (y,x) = window_origin[b] + (i,j):
 //   (y,x) outside [0,H)x[0,W)                      -> pad_value

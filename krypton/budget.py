@@ -3,8 +3,7 @@
 A plan knows the bytes its live tensors take per position (`peak_bytes_per_position`; times the batch:
 the run's planned bytes), but the process's peak is larger and not proportional to it: the materialized
 activations and their channels_last copies, every position group's runner (its weights in channels_last),
-oneDNN's reorders and scratch, and glibc's heap, whose freed chunks a run reuses only in part, so that the
-pages it touches exceed what it holds at once. Measured (resnet18, 224 px, P16 S8, one thread, peak RSS
+oneDNN's reorders and scratch, and the arena's free blocks between the tensors it holds. Measured (resnet18, 224 px, P16 S8, one thread, peak RSS
 delta of whole-grid requests): 189-203 / 201-211 / 254-260 / 410-435 MB at batch 1 / 16 / 64 / 256 against
 0.7 / 11 / 43 / 170 MB planned: a large part every run holds and a slope that changes with the batch (a line
 through a probe of one position, one plan, and one at batch 256 estimated batch 16 at 0.6-0.7x its peak).
@@ -16,12 +15,11 @@ and precisions a request may ask for (their plans plan other bytes per position)
 conservative line 2 x materialized bytes + 3 x planned. `fit_batch` picks the largest batch whose modelled
 peak, times SAFETY, fits the budget; an explicit batch size above it is clamped, and the response says so.
 
-The heap's history moves peaks: a worker whose earlier runs grew glibc's heap places a run's tensors over
-more of its free chunks (inception_v3 at batch 64: 600-650 MB in a fresh worker, 800-1050 MB after the
-calibration's probes). Every allocation of 4 MB or more in its own mapping (mallopt M_MMAP_THRESHOLD) makes
-peaks repeat to 1% and lowers them (resnet18 at batch 256: 286-289 against 381-512 MB), but costs explain()
-time: resnet18 +36% (+13% at 16 MB; +17% at 4 MB with transparent huge pages for the mappings, vgg16 +4%), so
-the heap keeps glibc's defaults and the calibration measures on a heap its largest runs have grown.
+The heap's history used to move peaks by up to 1.7x between identical requests (glibc placed a run's
+tensors over whatever earlier work left free in its heap); explain()'s batches now allocate their large
+tensors in krypton's arena (memory.batch_arena), where a run's peak depends on its own allocations only, so
+the probes measure what requests will peak at. What still varies is the part outside the arena (small
+blocks, the clean pass, oneDNN's scratch): the margins below cover it.
 """
 from __future__ import annotations
 

@@ -37,54 +37,68 @@ CPU_METHOD = ("peak RSS delta: VmHWM (reset by writing 5 to /proc/self/clear_ref
 CPU_FALLBACK_METHOD = "getrusage ru_maxrss delta (not resettable: upper bound)"
 CUDA_METHOD = "torch.cuda.max_memory_allocated minus memory_allocated at request start"
 
-ALLOCATOR_ENV = "KRYPTON_MALLOC"  # "system": leave glibc's allocation policy as it is (see freed_memory_kept)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters (malloc.h)
-_KEEP_UP_TO = (1 << 31) - 1  # mallopt takes an int: free heap above this is still given back on its own
-# glibc's own steady state once large blocks have been freed: its dynamic mmap threshold stops at 32 MB
-# (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit) and the trim threshold follows at twice that.
-_STOCK = ((_M_MMAP_MAX, 65536), (_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 64 << 20))
+ARENA_ENV = "KRYPTON_ARENA"  # "off": explain()'s batches allocate through torch's own CPU allocator
+ARENA_MIN_BYTES = 1 << 20  # blocks from this size on come from the arena (ext/arena.cpp); smaller ones from malloc
 
 _libc = None
 
 
 def _glibc():
-    """glibc, or None where the C library is not glibc (then every tuning here is skipped)."""
+    """glibc, or None where the C library is not glibc (then malloc_trim is skipped)."""
     global _libc
     if _libc is None:
         try:
             lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _libc = lib if hasattr(lib, "malloc_trim") and hasattr(lib, "mallopt") else False
+            _libc = lib if hasattr(lib, "malloc_trim") else False
         except OSError:
             _libc = False
     return _libc or None
 
 
 @contextmanager
-def freed_memory_kept():
-    """Within: large blocks come from the heap and freed ones stay there for reuse (glibc). Yields whether
-    the setting is in effect (False off glibc or with KRYPTON_MALLOC=system).
+def batch_arena():
+    """Within: torch's CPU tensors of ARENA_MIN_BYTES or more come from krypton's arena (ext/arena.cpp), one
+    reserved address range, first fit, freed blocks coalescing; on exit its free pages go back to the OS.
+    Yields whether it is in effect (False without the compiled extension or with KRYPTON_ARENA=off). Scopes
+    nest: the outermost one gives the pages back.
 
-    Why: an incremental run allocates the same large tensors (stitched windows, conv outputs) batch after
-    batch. glibc maps every block above its mmap threshold (32 MB at most) fresh from the kernel and unmaps it
-    when freed, so each batch page-faults its tensors in again, and page faults are expensive in virtual
-    machines: here a 59 MB stitch took 28 ms into fresh pages and 3 ms into reused ones, and a whole
-    EfficientNet-Lite0 run (P16 S8) went from 5.8 s to 3.0 s with reuse. Only around incremental batches:
-    full-image batches (naive) of many tensor sizes fragment such a heap past the memory budget (ResNet18
-    naive 1070 MB at 1 GiB). On exit glibc maps large blocks again, at the threshold its own dynamic rule
-    settles on, and the free pages go back to the OS, so the rest of the process runs as before.
+    Why: explain()'s batches allocate the same large tensors batch after batch. With glibc either each batch
+    page-faults them in afresh (blocks over its mmap threshold are mapped per allocation: a 59 MB stitch took
+    28 ms into fresh pages and 3 ms into reused ones) or, with freed blocks kept in its heap, a run's tensors
+    land over whatever earlier work left free there, so identical requests peaked up to 1.7x apart (vgg16
+    incremental at batch 139: 377-651 MB). In the arena a run's peak depends on its own allocations only:
+    measured one process, five requests each (peak RSS MB, glibc keeping freed blocks -> arena):
+    resnet18 b256 313-391 -> 183-203, efficientnet_lite0 b155 538-621 -> 318-321, vgg16 b139 394-517 ->
+    276-293, inception_v3 b40 300-413 -> 193-254; naive batches stop page-faulting too (resnet18 naive b58
+    14 s -> 9 s a request).
     """
-    lib = None if os.environ.get(ALLOCATOR_ENV, "").strip().lower() == "system" else _glibc()
-    if lib is None:
-        yield False
-        return
-    lib.mallopt(_M_MMAP_MAX, 0)
-    lib.mallopt(_M_TRIM_THRESHOLD, _KEEP_UP_TO)
+    from . import ops
+
+    on = os.environ.get(ARENA_ENV, "").strip().lower() not in ("off", "0") and ops.compiled_available()
+    if on:
+        import torch
+
+        on = bool(torch.ops.krypton.arena_begin(ARENA_MIN_BYTES))
     try:
-        yield True
+        yield on
     finally:
-        for param, value in _STOCK:
-            lib.mallopt(param, value)
-        trim_heap()
+        if on:
+            import torch
+
+            torch.ops.krypton.arena_end()
+
+
+def arena_stats() -> Dict[str, int]:
+    """The arena's bytes in use, its high-water mark since the outermost scope opened, free blocks and
+    reserved bytes (all 0 before its first scope or without the compiled extension)."""
+    from . import ops
+
+    if not ops.compiled_available():
+        return {"in_use": 0, "high_water": 0, "free_blocks": 0, "reserved": 0}
+    import torch
+
+    in_use, high_water, free_blocks, reserved = torch.ops.krypton.arena_stats()
+    return {"in_use": in_use, "high_water": high_water, "free_blocks": free_blocks, "reserved": reserved}
 
 
 def trim_heap() -> None:

@@ -1,7 +1,6 @@
 """Public entry points: explain(), Explainer (with plan and activation caches), estimate_speedup()."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import time
@@ -23,7 +22,7 @@ from .capture import Capture
 from .errors import OptionError
 from .execute import BatchRunner, Materialized, constant_content, materialize, tensor_content
 from .grouping import choose_groups
-from .memory import freed_memory_kept
+from .memory import batch_arena
 from .options import DEFAULT_MEMORY_BUDGET, PRECISIONS, ExplainOptions, check_precision, resolve
 from .plan import Plan, Walk, build_plan, propagate_shapes
 from .tuning import tuning_for
@@ -160,12 +159,6 @@ def batch_slices(positions: int, batch: int) -> list[tuple[int, int]]:
     """(start, stop) of every batch of `positions` at a batch size of at most `batch` (see even_batch)."""
     step = even_batch(positions, batch)
     return [(start, min(positions, start + step)) for start in range(0, positions, step)]
-
-
-def _heap_policy(incremental: bool):
-    """What a run's batches execute in: freed blocks kept for reuse when they are incremental
-    (memory.freed_memory_kept), glibc as it is otherwise."""
-    return freed_memory_kept() if incremental else contextlib.nullcontext()
 
 
 def _as_batch(image: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -489,7 +482,7 @@ class Explainer:
             group_content = (lambda idx: lambda start, stop: content(idx[start:stop]))(indices)
             runner = self._incremental_runner(plan, mats, group_content) if incremental else \
                 self._naive_runner(plan, image, group_content)
-            with _heap_policy(incremental):
+            with batch_arena():
                 for start, stop in batch_slices(len(indices), batch):
                     outputs[torch.from_numpy(indices[start:stop]).to(outputs.device)] = \
                         runner(start, stop).to(outputs.dtype)
@@ -631,7 +624,7 @@ class Explainer:
             executed_macs += (inc if opts.method == "incremental" else full) * len(indices)
             changed_macs += (plan.changed_macs() if opts.method == "incremental" else full) * len(indices)
             count = len(indices) if positions_per_group is None else min(len(indices), positions_per_group)
-            with _heap_policy(incremental):
+            with batch_arena():
                 for start, stop in batch_slices(count, batch):
                     logits = run(start, stop)
                     scores[indices[start:stop]] = torch.softmax(logits.double(), dim=1)[:, label].cpu()
