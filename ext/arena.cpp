@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -30,13 +31,13 @@
 namespace krypton {
 namespace {
 
-constexpr size_t kPage = 4096;
+constexpr size_t kCommitStep = size_t(64) << 20;
 
 class Arena final : public c10::Allocator {
  public:
-  static Arena& get() {
-    static Arena arena;
-    return arena;
+  static Arena& get() {  // never destroyed: torch may free tensors during static destruction
+    static Arena* arena = new Arena;
+    return *arena;
   }
 
   // Opens a scope; false (and nothing changes) where the range cannot be reserved.
@@ -44,7 +45,7 @@ class Arena final : public c10::Allocator {
     std::lock_guard<std::mutex> guard(mu_);
     if (region_ == nullptr && !reserve()) return false;
     if (depth_++ == 0) {
-      min_bytes_ = static_cast<size_t>(std::max<int64_t>(min_bytes, 1));
+      min_bytes_.store(static_cast<size_t>(std::max<int64_t>(min_bytes, 1)));
       high_water_ = top_;
       active_.store(true);
     }
@@ -69,8 +70,11 @@ class Arena final : public c10::Allocator {
   }
 
   c10::DataPtr allocate(size_t n) override {
-    if (!active_.load(std::memory_order_relaxed) || n < min_bytes_) return base_->allocate(n);
-    const size_t size = (n + kPage - 1) / kPage * kPage;
+    if (!active_.load(std::memory_order_relaxed) || n < min_bytes_.load(std::memory_order_relaxed) ||
+        n > capacity_) {
+      return base_->allocate(n);
+    }
+    const size_t size = (n + page_ - 1) / page_ * page_;
     std::lock_guard<std::mutex> guard(mu_);
     size_t offset = take(size);
     if (offset == SIZE_MAX) return base_->allocate(n);
@@ -87,10 +91,18 @@ class Arena final : public c10::Allocator {
 
  private:
   bool reserve() {
-    // The whole physical memory, reserved, not committed: a batch can never need more.
+    // Address space for the whole physical memory (a batch can never need more; a quarter of an address
+    // space limit at most), inaccessible and so not committed: `commit` opens it as the used part grows.
+    page_ = static_cast<size_t>(sysconf(_SC_PAGESIZE));
     const long pages = sysconf(_SC_PHYS_PAGES);
-    const size_t want = pages > 0 ? static_cast<size_t>(pages) * kPage : (size_t(1) << 34);
-    void* range = mmap(nullptr, want, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    size_t want = pages > 0 ? static_cast<size_t>(pages) * page_ : (size_t(1) << 34);
+    struct rlimit limit;
+    if (getrlimit(RLIMIT_AS, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY) {
+      want = std::min<size_t>(want, limit.rlim_cur / 4);
+    }
+    want = want / kCommitStep * kCommitStep;
+    if (want == 0) return false;
+    void* range = mmap(nullptr, want, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (range == MAP_FAILED) return false;
     region_ = static_cast<char*>(range);
     capacity_ = want;
@@ -108,12 +120,21 @@ class Arena final : public c10::Allocator {
       if (rest > 0) free_[offset + size] = rest;
       return offset;
     }
-    if (size > capacity_ - top_) return SIZE_MAX;
+    if (size > capacity_ - top_ || !commit(top_ + size)) return SIZE_MAX;
     const size_t offset = top_;
     top_ += size;
     high_water_ = std::max(high_water_, top_);
     touched_ = std::max(touched_, top_);
     return offset;
+  }
+
+  // Makes the range accessible up to `end` (in steps of kCommitStep; it stays so).
+  bool commit(size_t end) {
+    if (end <= committed_) return true;
+    const size_t to = std::min(capacity_, (end + kCommitStep - 1) / kCommitStep * kCommitStep);
+    if (mprotect(region_ + committed_, to - committed_, PROT_READ | PROT_WRITE) != 0) return false;
+    committed_ = to;
+    return true;
   }
 
   void give_back(size_t offset, size_t size) {
@@ -145,7 +166,7 @@ class Arena final : public c10::Allocator {
   static void release(void* ptr) {
     Arena& arena = get();
     char* p = static_cast<char*>(ptr);
-    if (arena.region_ == nullptr || p < arena.region_ || p >= arena.region_ + arena.capacity_) {
+    if (p == nullptr || arena.region_ == nullptr || p < arena.region_ || p >= arena.region_ + arena.capacity_) {
       arena.base_->raw_deleter()(ptr);  // a small block, or one from before the range: the base's own
       return;
     }
@@ -164,7 +185,9 @@ class Arena final : public c10::Allocator {
   c10::Allocator* base_ = nullptr;
   char* region_ = nullptr;
   size_t capacity_ = 0;
-  size_t min_bytes_ = SIZE_MAX;
+  std::atomic<size_t> min_bytes_{SIZE_MAX};
+  size_t page_ = 4096;
+  size_t committed_ = 0;   // the range is readable and writable below this
   size_t top_ = 0;         // end of the used part of the range
   size_t touched_ = 0;     // end of the part whose pages may be resident
   size_t high_water_ = 0;  // the largest top_ since the outermost scope opened

@@ -40,11 +40,11 @@ DEFAULT_FACTOR = 3.0
 # naive request at batch 23 peaked at 1.54x its estimate (1120 MB, over a 1 GiB budget at SAFETY 1.35) and
 # the next identical one at 1.12x; 1.5 x 1.15 covers that.
 SAFETY = 1.5
-# The measured points are raised by this, so that the estimate bounds a run's usual peak: the heap's history
-# varies it (efficientnet_lite0's naive batch of 60: 870-935 MB in a fresh worker, 990-1040 MB after the
-# calibration's probes; two identical inception_v3 naive requests in one worker: 584 and 470 MB), and at 1.15
-# estimates measured 0.86-1.53x of peaks (bench/results/memory-cpu.md at commit c4b3a0f).
-PEAK_MARGIN = 1.15
+# The measured points are raised by this, so that the estimate bounds a run's usual peak. With glibc's heap
+# it was 1.15 (the heap's history moved identical requests' peaks up to 1.7x apart); in the arena a run's
+# peak repeats and the probes' batches are a request's, so it only covers what still varies outside the
+# arena (resnet18 at 1.15: every estimate 1.09-1.67x its peak, i.e. over, except drill-down at 0.88x).
+PEAK_MARGIN = 1.05
 PROBE_DIVISORS = (16, 4)  # probe batches: 1, largest // 16, largest // 4 and the largest that fits the budget
 # A run's peak grows over its first batches (efficientnet_lite0 naive at batch 60: 800 MB after one, 860-920
 # after two to four): each probe runs this many batches of every position group.
@@ -133,10 +133,12 @@ def calibrate(explainer, input_shape, patch_size: int, stride: int, budget: int,
               methods=("incremental", "naive")) -> dict:
     """Measure `MemoryModel`s of `explainer` for an input shape and budget. Returns {method: MemoryModel}.
 
-    Per method: one batch of each position group at the largest batch the uncalibrated model lets the
-    budget hold (every method's first, see below), BATCHES_PER_PROBE batches at each of `probe_batches`
-    below it, then as many at the largest batch the model measured so far lets the budget hold, so that the
-    batch a request gets is interpolated, not extrapolated. Each probe is `Explainer._probe`: a request's
+    Per method: BATCHES_PER_PROBE batches of each position group at each of `probe_batches` below the
+    largest batch the uncalibrated model lets the budget hold, then as many at the largest batch the model
+    measured so far lets the budget hold, so that the batch a request gets is interpolated, not extrapolated.
+    (A probe of one batch per group is no sample: a request runs a group in even batches, e.g. 361 positions
+    at batch 256 as 181 + 180, and resnet18's one batch of 256 peaked at 249 MB against 176-181 MB for
+    the request.) Each probe is `Explainer._probe`: a request's
     code path from materializing the clean image (a random one) on, for a few positions of each group.
     """
     _, c, h, w = input_shape
@@ -158,17 +160,13 @@ def calibrate(explainer, input_shape, patch_size: int, stride: int, budget: int,
         except OptionError:  # not even one position: calibrate at one, the request will say so
             return 1
 
-    # Every method's largest batch first: the measured probes then run on a heap those runs have grown, as a
-    # long-lived worker's requests do (inception_v3 at batch 64: 600-650 MB in a fresh worker, 730-800 MB
-    # after naive runs had grown the heap).
     first = {}
-    for method in methods:
-        per_position, _, _, mats = probe(method, 1, 1)  # its peak includes one-time costs: not a sample
-        largest = largest_fitting(MemoryModel(), per_position, mats)
-        first[method] = per_position, mats, largest, probe(method, largest, 1)[1:3]
+    for method in methods:  # one batch-1 probe each first: its peak includes one-time costs, not a sample
+        per_position, _, _, mats = probe(method, 1, 1)
+        first[method] = per_position, mats, largest_fitting(MemoryModel(), per_position, mats)
     models = {}
-    for method, (per_position, mats, largest, sample) in first.items():
-        samples = [sample] + [probe(method, batch)[1:3] for batch in probe_batches(largest)]
+    for method, (per_position, mats, largest) in first.items():
+        samples = [probe(method, batch)[1:3] for batch in probe_batches(largest)]
         samples.append(probe(method, largest_fitting(MemoryModel.measured(samples), per_position, mats))[1:3])
         models[method] = MemoryModel.measured(samples)
     explainer.clear_cache()

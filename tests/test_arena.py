@@ -43,16 +43,16 @@ def test_tensors_from_a_scope_keep_their_values_and_go_back_when_freed():
 
 def test_freed_blocks_are_reused_and_coalesce():
     with batch_arena():
-        a, b = big(3), big(5)
+        a, b, guard = big(3), big(5), big(1)
         top = arena_stats()["high_water"]
-        del a, b  # adjacent: one free block of 8 MB
-        c = big(8)  # fits the coalesced block exactly
+        del b, a  # b merges into the block that a then frees before it: one free block of 8 MB below guard
+        c = big(8)  # fits it exactly
         assert arena_stats()["high_water"] == top
         for _ in range(5):  # a batch's allocations again and again: the same pages
             d, e = big(2), big(4)
             del d, e
         assert arena_stats()["high_water"] == top + 6 * MB
-        del c
+        del c, guard
 
 
 def test_scopes_nest_and_only_the_outermost_gives_pages_back():
@@ -75,7 +75,10 @@ def test_identical_runs_use_identical_arena_peaks():
         exp = explainer.explain(image, patch_size=8, stride=4, batch_size=64, method=method)
         peaks.append(arena_stats()["high_water"])
         heatmaps.append(exp.heatmap)
-        big(16)  # history between requests (freed at once) must not move the next one's peak
+        with batch_arena():  # history between requests: holes, freed in another order, must not move the next peak
+            held = [big(3), big(7), big(2), big(5)]
+            del held[1], held[2]
+            del held
     assert peaks[0] == peaks[2] and peaks[1] == peaks[3] and peaks[0] >= MB
     ref = occlusion_oracle(model, image, 8, 4, [0.0])
     assert all(max_error(h, ref.heatmap) < 1e-4 for h in heatmaps)
