@@ -151,7 +151,7 @@ def calibrate(explainer, input_shape, patch_size: int, stride: int, budget: int,
         with PeakMemory(explainer.device) as pm:
             exp = explainer._probe(image, method, batch, patch_size, stride, batches * batch)
         mem = exp.memory
-        return mem["peak_working_bytes"] // exp.batch_size, mem["peak_working_bytes"], pm.peak_bytes or 0, \
+        return mem["peak_working_bytes"] // mem["largest_batch_run"], mem["peak_working_bytes"], pm.peak_bytes or 0, \
             mem["materialized_bytes"]
 
     def largest_fitting(model: MemoryModel, per_position: int, mats: int) -> int:

@@ -608,22 +608,26 @@ class Explainer:
         n = sum(len(g) for g, _ in groups)
         memory_model = self.memory_models[opts.method]
         batch = fit_batch(memory_model, per_position, n, opts.memory_budget, mats.nbytes, opts.batch_size, extra_bytes)
-        memory = {"materialized_bytes": mats.nbytes, "peak_working_bytes": per_position * batch,
-                  "estimated_peak_bytes": memory_model.peak(per_position, batch, mats.nbytes, extra_bytes),
+        counts = [len(g) if positions_per_group is None else min(len(g), positions_per_group) for g, _ in groups]
+        # the groups run in even batches (batch_slices): the peak is that of the largest one that runs, e.g.
+        # 196 naive positions at batch 91 run as 3 x 66 (estimated at 91: 1.5x the measured peak)
+        largest_run = max(even_batch(count, batch) for count in counts)
+        memory = {"materialized_bytes": mats.nbytes, "peak_working_bytes": per_position * largest_run,
+                  "largest_batch_run": largest_run,
+                  "estimated_peak_bytes": memory_model.peak(per_position, largest_run, mats.nbytes, extra_bytes),
                   "budget_bytes": opts.memory_budget, "memory_model": memory_model.source, **added}
         if opts.batch_size is not None and batch < min(n, opts.batch_size):
             memory["batch_size_requested"] = opts.batch_size  # clamped to what fits the budget
         fill_t = torch.tensor(opts.fill, dtype=dtype, device=self.device).view(c, 1, 1)
         scores = torch.empty(n, dtype=torch.float64)
         full_macs, executed_macs, changed_macs = 0, 0, 0.0
-        for indices, plan in groups:
+        for (indices, plan), count in zip(groups, counts):
             run = self._incremental_runner(plan, run_mats, fill_t, dtype) if opts.method == "incremental" else \
                 self._naive_runner(plan, image.to(dtype), fill_t, dtype)
             full, inc = plan.macs()
             full_macs += full * len(indices)
             executed_macs += (inc if opts.method == "incremental" else full) * len(indices)
             changed_macs += (plan.changed_macs() if opts.method == "incremental" else full) * len(indices)
-            count = len(indices) if positions_per_group is None else min(len(indices), positions_per_group)
             with batch_arena():
                 for start, stop in batch_slices(count, batch):
                     logits = run(start, stop)

@@ -195,8 +195,10 @@ def test_memory_estimates_use_the_element_size_of_the_dtype_that_runs(net):
     per_position = max(p.peak_bytes_per_position for _, p in explainer.grid_plans(shape, 5, 3, dtype=BF16))
     for exp, built in ((first, weights), (second, 0)):
         assert (exp.memory["materialized_bytes"], exp.memory["cast_materialized_bytes"]) == (mats, mats // 2)
-        assert exp.memory["estimated_peak_bytes"] == MemoryModel().peak(per_position, 8, mats, mats + built)
-        assert exp.memory["peak_working_bytes"] == per_position * 8
+        run = exp.memory["largest_batch_run"]
+        assert exp.batch_size == 8 and run <= 8
+        assert exp.memory["estimated_peak_bytes"] == MemoryModel().peak(per_position, run, mats, mats + built)
+        assert exp.memory["peak_working_bytes"] == per_position * run
     f32_plan, bf16_plan = explainer.plan(shape, 5, 3), explainer.plan(shape, 5, 3, dtype=BF16)
     assert f32_plan is not bf16_plan and bf16_plan.peak_bytes_per_position * 2 == f32_plan.peak_bytes_per_position
     assert explainer._naive_bytes(bf16_plan, BF16) * 2 == explainer._naive_bytes(f32_plan)
