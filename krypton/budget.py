@@ -3,10 +3,11 @@
 A plan knows the bytes its live tensors take per position (`peak_bytes_per_position`; times the batch:
 the run's planned bytes), but the process's peak is larger and not proportional to it: the materialized
 activations and their channels_last copies, every position group's runner (its weights in channels_last),
-oneDNN's reorders and scratch, and the arena's free blocks between the tensors it holds. Measured (resnet18, 224 px, P16 S8, one thread, peak RSS
-delta of whole-grid requests): 189-203 / 201-211 / 254-260 / 410-435 MB at batch 1 / 16 / 64 / 256 against
-0.7 / 11 / 43 / 170 MB planned: a large part every run holds and a slope that changes with the batch (a line
-through a probe of one position, one plan, and one at batch 256 estimated batch 16 at 0.6-0.7x its peak).
+oneDNN's reorders and scratch, and the arena's free blocks between the tensors it holds. Measured with
+glibc's heap, before the arena (resnet18, 224 px, P16 S8, one thread, peak RSS delta of whole-grid
+requests): 189-203 / 201-211 / 254-260 / 410-435 MB at batch 1 / 16 / 64 / 256 against 0.7 / 11 / 43 / 170 MB
+planned: a large part every run holds and a slope that changes with the batch (a line through a probe of
+one position, one plan, and one at batch 256 estimated batch 16 at 0.6-0.7x its peak).
 
 So `calibrate()` measures peaks at a few batch sizes through the request's own code path (every position
 group of the grid with its own plan, a few positions of each, in explain()'s order; see `probe_batches`),
@@ -35,10 +36,10 @@ from .memory import PeakMemory
 
 MAX_AUTO_BATCH = 256
 DEFAULT_FACTOR = 3.0
-# The modelled peak times this must fit the budget. Identical requests in one worker peak up to ~40% apart
-# (glibc's heap: what earlier runs left free, and where): at PEAK_MARGIN 1.05, efficientnet_lite0's first
-# naive request at batch 23 peaked at 1.54x its estimate (1120 MB, over a 1 GiB budget at SAFETY 1.35) and
-# the next identical one at 1.12x; 1.5 x 1.15 covers that.
+# The modelled peak times this must fit the budget. Sized on glibc's heap, before the arena, where identical
+# requests in one worker peaked up to ~40% apart: at PEAK_MARGIN 1.05, efficientnet_lite0's first naive
+# request at batch 23 peaked at 1.54x its estimate (1120 MB, over a 1 GiB budget at SAFETY 1.35); kept at 1.5
+# with the arena (whose estimates measured 0.75-2.5x of peaks, bench/results/memory-cpu.md at 75ac092).
 SAFETY = 1.5
 # The measured points are raised by this, so that the estimate bounds a run's usual peak. With glibc's heap
 # it was 1.15 (the heap's history moved identical requests' peaks up to 1.7x apart); in the arena a run's
@@ -151,8 +152,8 @@ def calibrate(explainer, input_shape, patch_size: int, stride: int, budget: int,
         with PeakMemory(explainer.device) as pm:
             exp = explainer._probe(image, method, batch, patch_size, stride, batches * batch)
         mem = exp.memory
-        return mem["peak_working_bytes"] // mem["largest_batch_run"], mem["peak_working_bytes"], pm.peak_bytes or 0, \
-            mem["materialized_bytes"]
+        planned = mem["peak_working_bytes"]
+        return planned // mem["largest_batch_run"], planned, pm.peak_bytes or 0, mem["materialized_bytes"]
 
     def largest_fitting(model: MemoryModel, per_position: int, mats: int) -> int:
         try:

@@ -72,34 +72,40 @@ def batch_arena():
     276-293, inception_v3 b40 300-413 -> 193-254; naive batches stop page-faulting too (resnet18 naive b58
     14 s -> 9 s a request).
     """
+    arena = _arena_ops() if os.environ.get(ARENA_ENV, "").strip().lower() not in ("off", "0") else None
     on = False
     try:
-        on = os.environ.get(ARENA_ENV, "").strip().lower() not in ("off", "0") and _arena_ops() is not None \
-            and bool(_arena_ops().arena_begin(ARENA_MIN_BYTES))
+        on = arena is not None and bool(arena.arena_begin(ARENA_MIN_BYTES))
         yield on
     finally:
         if on:
-            _arena_ops().arena_end()
+            arena.arena_end()
+
+
+_arena = None
+_ARENA_STATS = ("in_use", "high_water", "free_blocks", "reserved")
 
 
 def _arena_ops():
-    """torch.ops.krypton, where the loaded extension has the arena (an older build does not), else None."""
-    from . import ops
+    """torch.ops.krypton, where the loaded extension has the arena (an older build does not), else None
+    (looked up once)."""
+    global _arena
+    if _arena is None:
+        from . import ops
 
-    if not ops.compiled_available():
-        return None
-    import torch
+        _arena = False
+        if ops.compiled_available():
+            import torch
 
-    return torch.ops.krypton if hasattr(torch.ops.krypton, "arena_begin") else None
+            _arena = torch.ops.krypton if hasattr(torch.ops.krypton, "arena_begin") else False
+    return _arena or None
 
 
 def arena_stats() -> Dict[str, int]:
     """The arena's bytes in use, its high-water mark since the outermost scope opened, free blocks and
     reserved bytes (all 0 before its first scope or without the compiled extension)."""
-    if _arena_ops() is None:
-        return {"in_use": 0, "high_water": 0, "free_blocks": 0, "reserved": 0}
-    in_use, high_water, free_blocks, reserved = _arena_ops().arena_stats()
-    return {"in_use": in_use, "high_water": high_water, "free_blocks": free_blocks, "reserved": reserved}
+    arena = _arena_ops()
+    return dict(zip(_ARENA_STATS, arena.arena_stats() if arena is not None else (0,) * len(_ARENA_STATS)))
 
 
 def trim_heap() -> None:

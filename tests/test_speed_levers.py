@@ -2,7 +2,6 @@
 against the changed cells of real activations), even batch sizes, the oneDNN classifier head."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn as nn
