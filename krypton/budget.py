@@ -32,7 +32,7 @@ import torch
 
 from . import geometry as geo
 from .errors import OptionError
-from .memory import PeakMemory
+from .memory import PeakMemory, batch_arena
 
 MAX_AUTO_BATCH = 256
 DEFAULT_FACTOR = 3.0
@@ -56,12 +56,16 @@ BATCHES_PER_PROBE = 2
 class MemoryModel:
     """A run's peak from its planned bytes (bytes per position x batch), plus `extra_bytes`.
 
-    Calibrated: measured (planned bytes, peak bytes) `points`, in increasing order. Below the first the peak
-    is the first's (what every run holds whatever its batch), past the last it grows by `factor` peak bytes
-    per planned byte; in between, the chord of the two points around it, or where the measured curve bends
-    down (it does: the per-position cost falls as batches grow) the previous segment continued, at most
-    the next point: an upper bound whichever way the curve bends between two points. Uncalibrated (no
-    points): 2 x the materialized bytes + `factor` x planned, which over-estimates every default model.
+    Calibrated: measured (planned bytes, peak bytes) `points` of runs whose clean activations were already
+    held (a cache hit), in increasing order. Below the first the peak is the first's (what every run holds
+    whatever its batch), past the last it grows by `factor` peak bytes per planned byte; in between, the
+    chord of the two points around it, or where the measured curve bends down (it does: the per-position
+    cost falls as batches grow) the previous segment continued, at most the next point: an upper bound
+    whichever way the curve bends between two points. A run that makes its clean pass first (a cache
+    miss, `clean_pass`) peaks at the larger of that pass's measured peak (`clean_bytes`) and the
+    activations it keeps plus the run's: in krypton's arena the batches reuse what the pass freed.
+    Uncalibrated (no points): 2 x the materialized bytes + `factor` x planned, which over-estimates every
+    default model.
 
     `extra_bytes`: what a run holds besides what the points were measured with (model-dtype runs): for a low
     precision, its cast copy of the activations (counted twice, like the model's own: the values and the
@@ -72,30 +76,38 @@ class MemoryModel:
     points: tuple[tuple[int, int], ...] = ()
     factor: float = DEFAULT_FACTOR
     source: str = "default"  # "default" or "calibrated"
+    clean_bytes: int = 0
 
-    def peak(self, per_position: int, batch: int, materialized_bytes: int, extra_bytes: int = 0) -> int:
+    def peak(self, per_position: int, batch: int, materialized_bytes: int, extra_bytes: int = 0,
+             clean_pass: bool = True) -> int:
         planned = per_position * batch
         if not self.points:
             return int(2 * materialized_bytes + extra_bytes + self.factor * planned)
+        run = self._run_peak(planned)
+        if clean_pass:
+            run = max(self.clean_bytes, materialized_bytes + run)
+        return int(run + extra_bytes)
+
+    def _run_peak(self, planned: int) -> float:
         xs, ys = zip(*self.points)
         if planned >= xs[-1]:
-            return int(ys[-1] + extra_bytes + self.factor * (planned - xs[-1]))
+            return ys[-1] + self.factor * (planned - xs[-1])
         i = bisect.bisect_right(xs, planned)  # xs[i - 1] <= planned < xs[i]
         if i == 0:
-            return int(ys[0] + extra_bytes)
+            return ys[0]
 
         def line(a: int, b: int) -> float:  # through points a and b, at `planned`
             return ys[a] + (ys[b] - ys[a]) * (planned - xs[a]) / (xs[b] - xs[a])
 
         bent = min(ys[i], line(i - 2, i - 1)) if i >= 2 else 0
-        return int(max(line(i - 1, i), bent) + extra_bytes)
+        return max(line(i - 1, i), bent)
 
     @classmethod
-    def measured(cls, samples) -> "MemoryModel":
+    def measured(cls, samples, clean_bytes: int = 0) -> "MemoryModel":
         """The model through measured (planned bytes, peak bytes) samples (repeats allowed: the largest peak
         counts), raised by PEAK_MARGIN and made non-decreasing (more planned bytes never peak lower). Past
         the last point it grows by the steeper of the last segment and the chord from the first point, and
-        at least 1 byte per planned byte."""
+        at least 1 byte per planned byte. `clean_bytes`: the measured peak of the clean pass (raised too)."""
         best: dict[int, int] = {}
         for planned, peak in samples:
             best[int(planned)] = max(best.get(int(planned), 0), int(peak))
@@ -104,17 +116,21 @@ class MemoryModel:
         slopes = [1.0]
         if len(xs) > 1:
             slopes += [(ys[-1] - ys[-2]) / (xs[-1] - xs[-2]), (ys[-1] - ys[0]) / (xs[-1] - xs[0])]
-        return cls(tuple((x, int(y)) for x, y in zip(xs, ys)), float(max(slopes)), "calibrated")
+        return cls(tuple((x, int(y)) for x, y in zip(xs, ys)), float(max(slopes)), "calibrated",
+                   int(PEAK_MARGIN * clean_bytes))
 
 
 def fit_batch(model: MemoryModel, per_position: int, positions: int, budget: int, materialized_bytes: int,
-              requested: int | None, extra_bytes: int = 0) -> int:
+              requested: int | None, extra_bytes: int = 0, clean_pass: bool = True) -> int:
     """The batch size to run: the requested one or the largest automatic one, never over the budget."""
+    def peak(batch: int) -> int:
+        return model.peak(per_position, batch, materialized_bytes, extra_bytes, clean_pass)
+
     def fits(batch: int) -> bool:
-        return SAFETY * model.peak(per_position, batch, materialized_bytes, extra_bytes) <= budget
+        return SAFETY * peak(batch) <= budget
 
     if not fits(1):
-        least = int(SAFETY * model.peak(per_position, 1, materialized_bytes, extra_bytes))
+        least = int(SAFETY * peak(1))
         raise OptionError("memory_budget", budget, f"at least {least} bytes for this model, input, method and "
                           "precision (one position per batch)", "is too small")
     cap = max(1, min(positions, requested if requested is not None else MAX_AUTO_BATCH))
@@ -134,23 +150,33 @@ def calibrate(explainer, input_shape, patch_size: int, stride: int, budget: int,
               methods=("incremental", "naive")) -> dict:
     """Measure `MemoryModel`s of `explainer` for an input shape and budget. Returns {method: MemoryModel}.
 
-    Per method: BATCHES_PER_PROBE batches of each position group at each of `probe_batches` below the
-    largest batch the uncalibrated model lets the budget hold, then as many at the largest batch the model
-    measured so far lets the budget hold, so that the batch a request gets is interpolated, not extrapolated.
-    (A probe of one batch per group is no sample: a request runs a group in even batches, e.g. 361 positions
-    at batch 256 as 181 + 180, and resnet18's one batch of 256 peaked at 249 MB against 176-181 MB for
-    the request.) Each probe is `Explainer._probe`: a request's
-    code path from materializing the clean image (a random one) on, for a few positions of each group.
+    Per method: the peak of its clean pass (`Explainer._probe_clean`, in the arena like a request's), then
+    BATCHES_PER_PROBE batches of each position group at each of `probe_batches` below the largest batch the
+    uncalibrated model lets the budget hold, then as many at the largest batch the model measured so far
+    lets the budget hold, so that the batch a request gets is interpolated, not extrapolated. (A probe of
+    one batch per group is no sample: a request runs a group in even batches, e.g. 361 positions at batch
+    256 as 181 + 180, and resnet18's one batch of 256 peaked at 249 MB against 176-181 MB for the request.)
+    Each probe is `Explainer._probe`: a request's code path for a few positions of each group, against
+    clean activations made before it is measured (a cache hit; a miss adds the clean pass, MemoryModel).
+    Measured as misses, the naive batch-1 probes held the clean pass's peak (in channels_last: resnet18
+    19 MB, a batch-1 naive run 10 MB) and over-estimated the hits of a repeated image 1.5-2.5x.
     """
     _, c, h, w = input_shape
     positions = len(geo.grid_origins(h, w, patch_size, stride))
     image = torch.randn(1, c, h, w, generator=torch.Generator().manual_seed(0)).to(explainer.dtype)
 
+    def clean_peak(method: str) -> int:
+        explainer.clear_cache()
+        with PeakMemory(explainer.device) as pm, batch_arena():
+            explainer._probe_clean(image, method, patch_size, stride)
+        return pm.peak_bytes or 0
+
     def probe(method: str, batch: int, batches: int = BATCHES_PER_PROBE) -> tuple[int, int, int, int]:
         """(bytes per position, planned bytes, measured peak bytes, materialized bytes) of one probe."""
         explainer.clear_cache()
+        held = explainer._probe_clean(image, method, patch_size, stride)
         with PeakMemory(explainer.device) as pm:
-            exp = explainer._probe(image, method, batch, patch_size, stride, batches * batch)
+            exp = explainer._probe(image, method, batch, patch_size, stride, batches * batch, held)
         mem = exp.memory
         planned = mem["peak_working_bytes"]
         return planned // mem["largest_batch_run"], planned, pm.peak_bytes or 0, mem["materialized_bytes"]
@@ -166,9 +192,10 @@ def calibrate(explainer, input_shape, patch_size: int, stride: int, budget: int,
         # right before its samples: after another method's probes a run pays its one-time costs again
         # (resnet18 naive at batch 1: 48, then 20 MB; its batch-1 sample after the incremental probes ~40 MB)
         per_position, _, _, mats = probe(method, 1, 1)  # its peak includes one-time costs: not a sample
+        clean = clean_peak(method)
         largest = largest_fitting(MemoryModel(), per_position, mats)
         samples = [probe(method, batch)[1:3] for batch in probe_batches(largest)]
-        samples.append(probe(method, largest_fitting(MemoryModel.measured(samples), per_position, mats))[1:3])
-        models[method] = MemoryModel.measured(samples)
+        samples.append(probe(method, largest_fitting(MemoryModel.measured(samples, clean), per_position, mats))[1:3])
+        models[method] = MemoryModel.measured(samples, clean)
     explainer.clear_cache()
     return models

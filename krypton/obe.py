@@ -348,14 +348,25 @@ class Explainer:
         return dict(self.memory_models)
 
     def _probe(self, image: torch.Tensor, method: str, batch: int, patch_size: int, stride: int,
-               positions_per_group: int) -> Explanation:
+               positions_per_group: int, held: Materialized | None = None) -> Explanation:
         """One probe of the memory calibration (budget.calibrate): explain()'s run of the grid of `image`
         (1, C, H, W) with `method` at `batch`, only `positions_per_group` positions of each position group:
         the plans, tensor shapes and order of a whole request at a fraction of its time (the heatmap's other
-        cells are not set)."""
+        cells are not set). `held`: the image's clean activations (_probe_clean), or None: the probe makes
+        them, as a request that misses the cache does."""
         opts = resolve(tuple(image.shape), None, lambda: None, patch_size=patch_size, stride=stride,
                        batch_size=batch, method=method, memory_budget=1 << 62)  # the batch as given
-        return self._run(image, opts, time.perf_counter(), positions_per_group).explanation
+        return self._run(image, opts, time.perf_counter(), positions_per_group, held).explanation
+
+    def _probe_clean(self, image: torch.Tensor, method: str, patch_size: int, stride: int) -> Materialized:
+        """The clean pass of `image` that a `method` request of its grid makes on a cache miss: the
+        activations its plans read (none for naive). The cache is left empty, as the probes expect."""
+        shape = tuple(image.shape)
+        needed = self._needed(shape, self.grid_plans(shape, patch_size, stride)) if method == "incremental" and \
+            self.capture.trace_failure is None else frozenset()
+        mats = self.materialized(image, needed=needed)[0]
+        self.clear_cache()
+        return mats
 
     def clear_cache(self) -> None:
         """Forget the materialized activations kept between calls (plans stay cached)."""
@@ -466,31 +477,33 @@ class Explainer:
         self._check_model()
         image = _as_batch(image, self.dtype).to(self.device)
         shape = tuple(image.shape)
-        if mats is None:
-            mats, _ = self.materialized(image)
-        origins = np.asarray(origins, np.int64).reshape(-1, 2)
-        sizes = np.asarray(sizes, np.int64).reshape(-1, 2)
-        n = len(origins)
-        outputs = mats.output.expand(n, -1).clone()  # unchanged copies: the clean output
-        run = ChangeRun(outputs, unchanged=n)
-        for size, indices, plan, incremental, speedup in self.plan_changes(shape, origins, sizes, min_speedup):
-            full, inc = plan.macs()
-            method = "incremental" if incremental else "naive"
-            per_position = plan.peak_bytes_per_position if incremental else self._naive_bytes(plan)
-            batch = fit_batch(self.memory_models[method], per_position, len(indices), memory_budget, mats.nbytes,
-                              batch_size)
-            group_content = (lambda idx: lambda start, stop: content(idx[start:stop]))(indices)
-            runner = self._incremental_runner(plan, mats, group_content) if incremental else \
-                self._naive_runner(plan, image, group_content)
-            with batch_arena():
+        with batch_arena():  # from the clean pass on, as in explain()
+            clean_pass = False  # the caller's activations, or cached ones: no clean pass in this call
+            if mats is None:
+                mats, cache = self.materialized(image)
+                clean_pass = cache == "miss"
+            origins = np.asarray(origins, np.int64).reshape(-1, 2)
+            sizes = np.asarray(sizes, np.int64).reshape(-1, 2)
+            n = len(origins)
+            outputs = mats.output.expand(n, -1).clone()  # unchanged copies: the clean output
+            run = ChangeRun(outputs, unchanged=n)
+            for size, indices, plan, incremental, speedup in self.plan_changes(shape, origins, sizes, min_speedup):
+                full, inc = plan.macs()
+                method = "incremental" if incremental else "naive"
+                per_position = plan.peak_bytes_per_position if incremental else self._naive_bytes(plan)
+                batch = fit_batch(self.memory_models[method], per_position, len(indices), memory_budget,
+                                  mats.nbytes, batch_size, clean_pass=clean_pass)
+                group_content = (lambda idx: lambda start, stop: content(idx[start:stop]))(indices)
+                runner = self._incremental_runner(plan, mats, group_content) if incremental else \
+                    self._naive_runner(plan, image, group_content)
                 for start, stop in batch_slices(len(indices), batch):
                     outputs[torch.from_numpy(indices[start:stop]).to(outputs.device)] = \
                         runner(start, stop).to(outputs.dtype)
-            run.unchanged -= len(indices)
-            run.groups.append({"size": list(size), "positions": int(len(indices)), "method": method,
-                               "theoretical_speedup": speedup, "batch_size": batch})
-            run.full_macs += full * len(indices)
-            run.executed_macs += (inc if incremental else full) * len(indices)
+                run.unchanged -= len(indices)
+                run.groups.append({"size": list(size), "positions": int(len(indices)), "method": method,
+                                   "theoretical_speedup": speedup, "batch_size": batch})
+                run.full_macs += full * len(indices)
+                run.executed_macs += (inc if incremental else full) * len(indices)
         run.fallback_reason = self.capture.trace_failure
         return run
 
@@ -568,9 +581,10 @@ class Explainer:
         return float(self.estimate(shape, opts.patch_size, stride, opts.tau).theoretical_speedup() / exact)
 
     def _run(self, image: torch.Tensor, opts: ExplainOptions, t0: float,
-             positions_per_group: int | None = None) -> _Run:
+             positions_per_group: int | None = None, held: Materialized | None = None) -> _Run:
         """Every position of `opts` (its grid, or its explicit origins) against the clean image's activations;
-        with `positions_per_group`, only that many of each position group (the memory calibration's probes)."""
+        with `positions_per_group`, only that many of each position group, and `held`: the clean activations
+        the caller holds (the memory calibration's probes)."""
         shape = tuple(image.shape)
         _, c, h, w = shape
         p, s, tau = opts.patch_size, opts.stride, opts.tau
@@ -594,41 +608,45 @@ class Explainer:
             fallback = self.capture.trace_failure or "method=naive: full re-inference of every occluded image"
             incremental = False
         planning = time.perf_counter() - planning_start  # cached plans: ~0; timed with the positions
-        mats, run_mats, cache, added = self._activations(image, dtype, converting, self._needed(shape, groups)
-                                                         if incremental else frozenset())
-        probs = torch.softmax(mats.output.double(), dim=1)[0]
-        predicted = int(probs.argmax())
-        label = predicted if opts.target is None else opts.target
-        # what a low precision holds besides the model's own activations (budget.MemoryModel)
-        extra_bytes = 2 * added.get("cast_materialized_bytes", 0) + added.get("converted_weights_bytes", 0)
-        t1 = time.perf_counter() - planning
-        # the largest windows first: later groups' smaller tensors fit in the chunks the first one freed,
-        # so the heap does not grow group after group (resnet18 P16 S8: peak RSS 490-600 -> 390-460 MB)
-        groups = sorted(groups, key=lambda g: -g[1].peak_bytes_per_position)
-        n = sum(len(g) for g, _ in groups)
-        memory_model = self.memory_models[opts.method]
-        batch = fit_batch(memory_model, per_position, n, opts.memory_budget, mats.nbytes, opts.batch_size, extra_bytes)
-        counts = [len(g) if positions_per_group is None else min(len(g), positions_per_group) for g, _ in groups]
-        # the groups run in even batches (batch_slices): the peak is that of the largest one that runs, e.g.
-        # 196 naive positions at batch 91 run as 3 x 66 (estimated at 91: 1.5x the measured peak)
-        largest_run = max(even_batch(count, batch) for count in counts)
-        memory = {"materialized_bytes": mats.nbytes, "peak_working_bytes": per_position * largest_run,
-                  "largest_batch_run": largest_run,
-                  "estimated_peak_bytes": memory_model.peak(per_position, largest_run, mats.nbytes, extra_bytes),
-                  "budget_bytes": opts.memory_budget, "memory_model": memory_model.source, **added}
-        if opts.batch_size is not None and batch < min(n, opts.batch_size):
-            memory["batch_size_requested"] = opts.batch_size  # clamped to what fits the budget
-        fill_t = torch.tensor(opts.fill, dtype=dtype, device=self.device).view(c, 1, 1)
-        scores = torch.empty(n, dtype=torch.float64)
-        full_macs, executed_macs, changed_macs = 0, 0, 0.0
-        for (indices, plan), count in zip(groups, counts):
-            run = self._incremental_runner(plan, run_mats, fill_t, dtype) if opts.method == "incremental" else \
-                self._naive_runner(plan, image.to(dtype), fill_t, dtype)
-            full, inc = plan.macs()
-            full_macs += full * len(indices)
-            executed_macs += (inc if opts.method == "incremental" else full) * len(indices)
-            changed_macs += (plan.changed_macs() if opts.method == "incremental" else full) * len(indices)
-            with batch_arena():
+        # one arena scope from the clean pass on: the batches reuse what it freed (budget.MemoryModel)
+        with batch_arena():
+            mats, run_mats, cache, added = self._activations(image, dtype, converting, self._needed(shape, groups)
+                                                             if incremental else frozenset(), held)
+            probs = torch.softmax(mats.output.double(), dim=1)[0]
+            predicted = int(probs.argmax())
+            label = predicted if opts.target is None else opts.target
+            # what a low precision holds besides the model's own activations (budget.MemoryModel)
+            extra_bytes = 2 * added.get("cast_materialized_bytes", 0) + added.get("converted_weights_bytes", 0)
+            t1 = time.perf_counter() - planning
+            # the largest windows first: later groups' smaller tensors fit in the blocks the first one freed,
+            # so memory does not grow group after group (glibc's heap, resnet18 P16 S8: 490-600 -> 390-460 MB)
+            groups = sorted(groups, key=lambda g: -g[1].peak_bytes_per_position)
+            n = sum(len(g) for g, _ in groups)
+            memory_model = self.memory_models[opts.method]
+            clean_pass = cache == "miss"  # the batches then follow the clean pass (budget.MemoryModel)
+            batch = fit_batch(memory_model, per_position, n, opts.memory_budget, mats.nbytes, opts.batch_size,
+                              extra_bytes, clean_pass)
+            counts = [len(g) if positions_per_group is None else min(len(g), positions_per_group) for g, _ in groups]
+            # the groups run in even batches (batch_slices): the peak is that of the largest one that runs, e.g.
+            # 196 naive positions at batch 91 run as 3 x 66 (estimated at 91: 1.5x the measured peak)
+            largest_run = max(even_batch(count, batch) for count in counts)
+            memory = {"materialized_bytes": mats.nbytes, "peak_working_bytes": per_position * largest_run,
+                      "largest_batch_run": largest_run,
+                      "estimated_peak_bytes": memory_model.peak(per_position, largest_run, mats.nbytes, extra_bytes,
+                                                                clean_pass),
+                      "budget_bytes": opts.memory_budget, "memory_model": memory_model.source, **added}
+            if opts.batch_size is not None and batch < min(n, opts.batch_size):
+                memory["batch_size_requested"] = opts.batch_size  # clamped to what fits the budget
+            fill_t = torch.tensor(opts.fill, dtype=dtype, device=self.device).view(c, 1, 1)
+            scores = torch.empty(n, dtype=torch.float64)
+            full_macs, executed_macs, changed_macs = 0, 0, 0.0
+            for (indices, plan), count in zip(groups, counts):
+                run = self._incremental_runner(plan, run_mats, fill_t, dtype) if opts.method == "incremental" else \
+                    self._naive_runner(plan, image.to(dtype), fill_t, dtype)
+                full, inc = plan.macs()
+                full_macs += full * len(indices)
+                executed_macs += (inc if opts.method == "incremental" else full) * len(indices)
+                changed_macs += (plan.changed_macs() if opts.method == "incremental" else full) * len(indices)
                 for start, stop in batch_slices(count, batch):
                     logits = run(start, stop)
                     scores[indices[start:stop]] = torch.softmax(logits.double(), dim=1)[:, label].cpu()
@@ -658,13 +676,13 @@ class Explainer:
         self._reads.put(shape, needed)
         return needed
 
-    def _activations(self, image: torch.Tensor, dtype, converting: bool,
-                     needed: frozenset[str] | None) -> tuple[Materialized, Materialized, str, dict]:
+    def _activations(self, image: torch.Tensor, dtype, converting: bool, needed: frozenset[str] | None,
+                     held: Materialized | None = None) -> tuple[Materialized, Materialized, str, dict]:
         """(the clean run's activations, in the model's dtype: label and probability; those the positions run
         against; cache hit or miss; the bytes a low precision adds): its cast copy of the activations and,
         when this request built it (`converting`), the converted copy of the weights (kept for later runs).
-        `needed`: see materialized()."""
-        mats, cache = self.materialized(image, needed=needed)
+        `needed`: see materialized(). `held`: the model-dtype activations, held by the caller (a hit)."""
+        mats, cache = (held, "hit") if held is not None else self.materialized(image, needed=needed)
         if dtype == self.dtype:
             return mats, mats, cache, {}
         run_mats, run_cache = self.materialized(image, dtype, clean=mats, needed=needed)

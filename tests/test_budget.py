@@ -43,6 +43,18 @@ def test_measured_models_take_the_largest_repeat_with_a_margin_and_never_fall():
     flat = MemoryModel.measured([(10, 100), (20, 101)])
     assert flat.factor == 1.0  # at least one peak byte per planned byte past the last point
     assert MemoryModel.measured([(10, 100)]).points == ((10, int(PEAK_MARGIN * 100)),)
+    assert MemoryModel.measured([(10, 100)], clean_bytes=300).clean_bytes == int(PEAK_MARGIN * 300)
+
+
+def test_a_run_that_makes_its_clean_pass_peaks_at_that_pass_or_its_activations_plus_the_batches():
+    model = MemoryModel(((10, 100), (40, 220)), 2.0, "calibrated", clean_bytes=300)
+    assert model.peak(1, 20, 50, clean_pass=False) == 140  # a cache hit: the batches' own peak (the chord)
+    assert model.peak(1, 20, 50) == 300  # a miss whose clean pass peaks above its activations + batches
+    assert model.peak(1, 40, 150) == 150 + 220 and model.peak(1, 40, 150, extra_bytes=5) == 375
+    assert MemoryModel().peak(1, 20, 50, clean_pass=False) == MemoryModel().peak(1, 20, 50)  # uncalibrated: one line
+    assert fit_batch(model, 1, 1000, int(SAFETY * 300), 0, None) == 80  # the batches may grow to the pass's peak
+    assert fit_batch(model, 1, 1000, int(SAFETY * 300), 0, None, clean_pass=False) == 80
+    assert fit_batch(model, 1, 1000, int(SAFETY * 300), 100, None) == 35  # the activations it keeps count
 
 
 def test_fit_batch_is_the_largest_batch_within_the_budget():
@@ -114,9 +126,10 @@ def test_calibration_probes_the_grid_at_batches_up_to_what_the_budget_holds(net,
     calls = []
     probe = explainer._probe
 
-    def recording(image, method, batch, patch_size, stride, positions_per_group):
+    def recording(image, method, batch, patch_size, stride, positions_per_group, held=None):
+        assert held is not None  # measured against activations made before: a hit (a miss adds the clean pass)
         calls.append((method, batch, positions_per_group // batch))
-        return probe(image, method, batch, patch_size, stride, positions_per_group)
+        return probe(image, method, batch, patch_size, stride, positions_per_group, held)
 
     monkeypatch.setattr(explainer, "_probe", recording)
     models = explainer.calibrate_memory((1, 3, 40, 40), 8, 4, 1 << 30)
