@@ -38,7 +38,10 @@ CPU_FALLBACK_METHOD = "getrusage ru_maxrss delta (not resettable: upper bound)"
 CUDA_METHOD = "torch.cuda.max_memory_allocated minus memory_allocated at request start"
 
 ARENA_ENV = "KRYPTON_ARENA"  # "off": explain()'s batches allocate through torch's own CPU allocator
-ARENA_MIN_BYTES = 1 << 20  # blocks from this size on come from the arena (ext/arena.cpp); smaller ones from malloc
+# Blocks from this size on come from the arena (ext/arena.cpp); smaller ones from malloc. At 1 MB, the smaller
+# tensors of late layers (resnet18's 100-400 KB) stayed in glibc's heap, where they landed by its history:
+# a naive batch-1 request peaked at 29-39 MB against 19-20 MB at 64 KB, estimated 25-27 and 20.
+ARENA_MIN_BYTES = 1 << 16
 
 _libc = None
 

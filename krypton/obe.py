@@ -20,7 +20,7 @@ from . import ops
 from .budget import MemoryModel, calibrate, fit_batch
 from .capture import Capture
 from .errors import OptionError
-from .execute import BatchRunner, Materialized, constant_content, materialize, tensor_content
+from .execute import BatchRunner, Materialized, constant_content, laid_out_weights, materialize, tensor_content
 from .grouping import choose_groups
 from .memory import batch_arena
 from .options import DEFAULT_MEMORY_BUDGET, PRECISIONS, ExplainOptions, check_precision, resolve
@@ -302,7 +302,10 @@ class Explainer:
 
     def _build(self, input_shape, patch_size, stride, tau, origins, dtype) -> Plan:
         self.plan_builds += 1
-        return build_plan(self.capture_in(dtype), input_shape, dtype, patch_size, stride, tau, origins)
+        capture = self.capture_in(dtype)
+        plan = build_plan(capture, input_shape, dtype, patch_size, stride, tau, origins)
+        laid_out_weights(capture, plan, self.channels_last)  # now, outside any batch arena (see there)
+        return plan
 
     def plan(self, input_shape, patch_size: int, stride: int, tau: float = 1.0, origins=None,
              dtype: torch.dtype | None = None) -> Plan:
@@ -477,17 +480,18 @@ class Explainer:
         self._check_model()
         image = _as_batch(image, self.dtype).to(self.device)
         shape = tuple(image.shape)
+        origins = np.asarray(origins, np.int64).reshape(-1, 2)
+        sizes = np.asarray(sizes, np.int64).reshape(-1, 2)
+        n = len(origins)
+        groups = self.plan_changes(shape, origins, sizes, min_speedup)  # plans: before the arena, as in explain()
         with batch_arena():  # from the clean pass on, as in explain()
             clean_pass = False  # the caller's activations, or cached ones: no clean pass in this call
             if mats is None:
                 mats, cache = self.materialized(image)
                 clean_pass = cache == "miss"
-            origins = np.asarray(origins, np.int64).reshape(-1, 2)
-            sizes = np.asarray(sizes, np.int64).reshape(-1, 2)
-            n = len(origins)
             outputs = mats.output.expand(n, -1).clone()  # unchanged copies: the clean output
             run = ChangeRun(outputs, unchanged=n)
-            for size, indices, plan, incremental, speedup in self.plan_changes(shape, origins, sizes, min_speedup):
+            for size, indices, plan, incremental, speedup in groups:
                 full, inc = plan.macs()
                 method = "incremental" if incremental else "naive"
                 per_position = plan.peak_bytes_per_position if incremental else self._naive_bytes(plan)
