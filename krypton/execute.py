@@ -56,7 +56,7 @@ class Materialized:
         key = (node, channels_last)
         if key not in self._planar:
             value = self.values[node]
-            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            fmt = memory_format(channels_last)
             self._planar[key] = value.contiguous(memory_format=fmt)[0]
         return self._planar[key]
 
@@ -164,6 +164,10 @@ def tensor_content(values: torch.Tensor):
     return lambda start, stop: values[start:stop]
 
 
+def memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def laid_out_weights(capture, plan, channels_last: bool) -> dict:
     """{node: weight} of the plan's steps in the runners' memory format (converted once: Capture.laid_out).
 
@@ -171,7 +175,7 @@ def laid_out_weights(capture, plan, channels_last: bool) -> dict:
     these long-lived copies sat in the arena between the run's freed blocks, and every later run laid its
     blocks out around them (resnet18: 41 MB of float32 copies, then bf16's 20 MB; a naive batch-1 request
     after the first bf16 one peaked at 17 MB instead of 10)."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fmt = memory_format(channels_last)
     return {s.node: capture.laid_out(s.weight, fmt) for s in plan.steps if s.weight is not None}
 
 
@@ -193,7 +197,7 @@ class BatchRunner:
         self.mat3 = {n: mats.planar(n, channels_last) for n, v in mats.values.items()
                      if plan.states.get(n) == INC and isinstance(v, torch.Tensor) and v.dim() == 4}
         self.weights = laid_out_weights(capture, plan, channels_last)
-        self.format = torch.channels_last if channels_last else torch.contiguous_format
+        self.format = memory_format(channels_last)
 
     def origins_of(self, node: fx.Node, state: BatchState) -> torch.Tensor:
         return self.origins[node][state.start:state.stop]
