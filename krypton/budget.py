@@ -17,10 +17,10 @@ conservative line 2 x materialized bytes + 3 x planned. `fit_batch` picks the la
 peak, times SAFETY, fits the budget; an explicit batch size above it is clamped, and the response says so.
 
 The heap's history used to move peaks by up to 1.7x between identical requests (glibc placed a run's
-tensors over whatever earlier work left free in its heap); explain()'s batches now allocate their large
-tensors in krypton's arena (memory.batch_arena), where a run's peak depends on its own allocations only, so
-the probes measure what requests will peak at. What still varies is the part outside the arena (small
-blocks, the clean pass, oneDNN's scratch): the margins below cover it.
+tensors over whatever earlier work left free in its heap); an explanation's clean pass and batches now
+allocate every tensor of 64 KB or more in krypton's arena (memory.batch_arena), where a run's peak depends
+on its own allocations only, so the probes measure what requests will peak at (bench/results/memory-cpu.md
+at 9419b82: every estimate 0.77-1.34x its measured peak, every default model, method and batch choice).
 """
 from __future__ import annotations
 
@@ -37,9 +37,10 @@ from .memory import PeakMemory, batch_arena
 MAX_AUTO_BATCH = 256
 DEFAULT_FACTOR = 3.0
 # The modelled peak times this must fit the budget. Sized on glibc's heap, before the arena, where identical
-# requests in one worker peaked up to ~40% apart: at PEAK_MARGIN 1.05, efficientnet_lite0's first naive
-# request at batch 23 peaked at 1.54x its estimate (1120 MB, over a 1 GiB budget at SAFETY 1.35); kept at 1.5
-# with the arena (whose estimates measured 0.75-2.5x of peaks, bench/results/memory-cpu.md at 75ac092).
+# requests in one worker peaked up to ~40% apart (efficientnet_lite0's first naive request at batch 23
+# peaked at 1.54x its estimate, 1120 MB, over a 1 GiB budget at SAFETY 1.35); kept at 1.5 with the arena,
+# whose estimates measure 0.77-1.34x of peaks (bench/results/memory-cpu.md at 9419b82): the rows under 1
+# (inception_v3 drill-down, small cached runs) stay within the budget by this factor.
 SAFETY = 1.5
 # The measured points are raised by this, so that the estimate bounds a run's usual peak. With glibc's heap
 # it was 1.15 (the heap's history moved identical requests' peaks up to 1.7x apart); in the arena a run's
