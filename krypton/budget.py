@@ -39,8 +39,8 @@ DEFAULT_FACTOR = 3.0
 # The modelled peak times this must fit the budget. Sized on glibc's heap, before the arena, where identical
 # requests in one worker peaked up to ~40% apart (efficientnet_lite0's first naive request at batch 23
 # peaked at 1.54x its estimate, 1120 MB, over a 1 GiB budget at SAFETY 1.35); kept at 1.5 with the arena,
-# whose estimates measure 0.77-1.34x of peaks (bench/results/memory-cpu.md at 9419b82): the rows under 1
-# (inception_v3 drill-down, small cached runs) stay within the budget by this factor.
+# whose estimates measure 0.77-1.34x of peaks (bench/results/memory-cpu.md at 9419b82): a batch chosen by this
+# factor keeps its peak within the budget as long as the estimate is at least 1/1.5 = 0.67x of the peak.
 SAFETY = 1.5
 # The measured points are raised by this, so that the estimate bounds a run's usual peak. With glibc's heap
 # it was 1.15 (the heap's history moved identical requests' peaks up to 1.7x apart); in the arena a run's
