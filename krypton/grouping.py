@@ -16,12 +16,13 @@ import numpy as np
 
 # Candidate class boundaries, in pixels of distance from the border; the planner keeps the cheapest.
 CANDIDATE_BOUNDARIES_PX = ([], [32], [24, 48], [16, 32, 64], [20, 36, 60], [24, 48, 96], [12, 28, 48, 80])
-# Smaller groups lose more to per-batch overhead than tighter windows win. 16 lets a stride-16 grid (14 x 14)
-# split off its 4 x 4 corner cells: warm, 2 threads, random inputs, identical heatmaps, VGG16 5.23 -> 4.59 s
-# (executed speedup 7.38 -> 8.67), ResNet18 1.65 -> 1.44 s, EfficientNet-Lite0 0.91 -> 0.86 s; Inception3 at
-# 299 px (executed 1.80 -> 1.86) measured 12.3 / 13.5 s, within its run-to-run spread of 11-14 s. It was 48.
-# At stride 8 it splits VGG16's grid into 9 groups (was 4; executed 7.87 -> 8.36; the memory benchmark's
-# request 37.7 -> 30.3 s, estimates still 1.00-1.06x of the measured peaks, the largest 379 MB, was 318).
+# Smaller groups lose more to per-batch overhead than tighter windows win. 16 (it was 48) lets a stride-16
+# grid (14 x 14) split off its 4 x 4 corner cells. One-process A/B, warm, 2 threads, random inputs, identical
+# heatmaps: VGG16 5.23 -> 4.59 s (executed speedup 7.38 -> 8.67), ResNet18 1.65 -> 1.44 s, EfficientNet-Lite0
+# 0.91 -> 0.86 s; Inception3 at 299 px (executed 1.80 -> 1.86) 12.3 / 13.5 s, within its run-to-run spread
+# of 11-14 s. The cost: a cold first request builds more plans (EfficientNet-Lite0 S16 cold / warm 1.40x, was
+# 1.06x; bench/results/speed-cpu-p16s16.md). At stride 8 VGG16's grid splits into 9 groups (was 4; executed
+# 7.87 -> 8.36; the memory benchmark's request 37.7 -> 30.3 s, estimates 1.00-1.06x of the peaks).
 MIN_GROUP = 16
 GROUP_OVERHEAD = 0.01  # fixed cost of one more group (extra batches, plan), as a fraction of all work
 
