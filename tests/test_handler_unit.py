@@ -112,6 +112,8 @@ def test_options_defaults_and_types():
     ({"stride": True}, "stride", "not an integer"),
     ({"stride": 0}, "stride", "out of range"),
     ({"patch_size": -3}, "patch_size", "out of range"),
+    ({"patch_size": "99999999999999999999"}, "patch_size", "out of range"),
+    ({"stride": "-" + "9" * 40}, "stride", "out of range"),
     ({"target": 10}, "target", "[0, 9]"),
     ({"target": "x"}, "target", "not an integer"),
     ({"batch_size": 100000}, "batch_size", "[1, 256]"),

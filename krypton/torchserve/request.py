@@ -293,6 +293,7 @@ def _text(name: str, value: Any) -> Any:
 
 
 _INT_RE = re.compile(r"^[+-]?\d{1,12}$")
+_LONG_INT_RE = re.compile(r"^[+-]?\d{13,}$")  # an integer, but longer than _INT_RE parses: out of range
 _NUM_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 
 
@@ -302,6 +303,9 @@ def _range_text(lo: int, hi: Optional[int]) -> str:
 
 def parse_int(name: str, value: Any, lo: int, hi: Optional[int]) -> int:
     v = _text(name, value)
+    if isinstance(v, str) and _LONG_INT_RE.match(v):
+        raise RequestError(f"option {name}: {clip(value)} is out of range; allowed: {_range_text(lo, hi)}",
+                           parameter=name)
     if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, str) and _INT_RE.match(v))):
         raise RequestError(f"option {name}: {clip(value)} is not an integer; allowed: {_range_text(lo, hi)}",
                            parameter=name)
