@@ -292,8 +292,8 @@ def _text(name: str, value: Any) -> Any:
     return value
 
 
-_INT_RE = re.compile(r"^[+-]?\d{1,12}$")
-_LONG_INT_RE = re.compile(r"^[+-]?\d{13,}$")  # an integer, but longer than _INT_RE parses: out of range
+_INT_RE = re.compile(r"^[+-]?\d+$")
+_INT_DIGITS = 12  # a longer integer is out of every option's range: reported so, without converting it
 _NUM_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 
 
@@ -303,16 +303,13 @@ def _range_text(lo: int, hi: Optional[int]) -> str:
 
 def parse_int(name: str, value: Any, lo: int, hi: Optional[int]) -> int:
     v = _text(name, value)
-    if isinstance(v, str) and _LONG_INT_RE.match(v):
-        raise RequestError(f"option {name}: {clip(value)} is out of range; allowed: {_range_text(lo, hi)}",
-                           parameter=name)
     if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, str) and _INT_RE.match(v))):
         raise RequestError(f"option {name}: {clip(value)} is not an integer; allowed: {_range_text(lo, hi)}",
                            parameter=name)
-    n = int(v)
-    if n < lo or (hi is not None and n > hi):
-        raise RequestError(f"option {name}: {n} is out of range; allowed: {_range_text(lo, hi)}",
-                           parameter=name)
+    n = None if isinstance(v, str) and len(v.lstrip("+-")) > _INT_DIGITS else int(v)
+    if n is None or n < lo or (hi is not None and n > hi):
+        raise RequestError(f"option {name}: {clip(value) if n is None else n} is out of range; "
+                           f"allowed: {_range_text(lo, hi)}", parameter=name)
     return n
 
 
