@@ -101,3 +101,44 @@ def test_classifier_head_runs_on_onednn_and_stays_exact():
     assert len(heads) == 2
     if torch.backends.mkldnn.is_available():
         assert {s.kind for s in heads} == {"full_linear"}
+
+
+class Residuals(nn.Module):
+    """A residual add (`out += x` on a batch-norm-folded conv), a subtraction whose first operand is read
+    twice and a product with a spatial parameter: on small images they run in the global part."""
+
+    def __init__(self, hw):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.spatial = nn.Parameter(torch.randn(1, 1, hw, hw))
+        self.fc = nn.Linear(8, 5)
+        for bn in (self.bn1, self.bn2):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.data.uniform_(0.5, 2)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(x))
+        out += x
+        x = F.relu(out)
+        y = x - self.conv3(x)
+        y = y * self.spatial
+        return self.fc(F.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
+@pytest.mark.parametrize("size,patch,stride", [(8, 4, 2), (12, 5, 3), (16, 6, 3), (20, 3, 2)])
+def test_global_binary_ops_write_into_fresh_operands_and_stay_exact(size, patch, stride):
+    torch.manual_seed(size)
+    model = Residuals((size + 1) // 2).eval().double()
+    image = torch.randn(1, 3, size, size, dtype=torch.float64)
+    explainer = krypton.Explainer(model)
+    exp = explainer.explain(image, patch_size=patch, stride=stride, fill=0.0, batch_size=7)
+    ref = occlusion_oracle(model, image, patch, stride, [0.0])
+    assert max_error(exp.heatmap, ref.heatmap) < 1e-9
+    kinds = {s.kind for _, plan in explainer.grid_plans((1, 3, size, size), patch, stride) for s in plan.steps}
+    assert "full_binary_into" in kinds  # the residual add, into the folded conv's own output
+    if size <= 12:  # the whole tail is global: the subtraction and the product too, and the ReLU in place
+        assert {"full_binary", "full_inplace"} <= kinds
