@@ -4,7 +4,10 @@ CPU peak memory = peak resident set size (VmHWM from /proc/self/status) minus th
 just before the run. Before each run we return freed heap pages to the OS (glibc malloc_trim) and
 reset the high-water mark by writing "5" to /proc/self/clear_refs (Linux >= 4.0), so the number is
 "how much extra memory this run made resident at its peak": model weights and the input are already
-resident and not counted; activations, copies, workspaces and the materialized tensors are.
+resident and not counted; activations, copies, workspaces and the materialized tensors are. The free pages
+krypton's arena keeps resident between runs (KRYPTON_ARENA_KEEP_MB) and the run uses again count as the
+run's (krypton.memory.kept_pages_reused): a krypton run that reuses them reports the peak it would have had
+faulting them in.
 
 CUDA peak memory = torch.cuda.max_memory_allocated() minus memory_allocated() before the run, after
 reset_peak_memory_stats(): the caching allocator's live tensors, the same quantity for everyone.
@@ -24,6 +27,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+
+from krypton.memory import arena_mark, kept_pages_reused
 
 _LIBC = None
 
@@ -76,7 +81,8 @@ class Meter:
         if self.cuda:
             self.method = "torch.cuda.max_memory_allocated() - memory_allocated() before"
         elif hwm_reset_works():
-            self.method = "peak RSS (VmHWM after clear_refs=5) - RSS before, after malloc_trim"
+            self.method = ("peak RSS (VmHWM after clear_refs=5) - RSS before, after malloc_trim, plus the "
+                           "arena's kept pages the run used again")
         else:
             self.method = "unavailable (/proc/self/clear_refs not writable)"
         self.available = self.cuda or self.method.startswith("peak RSS")
@@ -103,6 +109,7 @@ class Meter:
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")
                 base = _status_kb("VmRSS")
+                mark = arena_mark()
         t0 = time.perf_counter()
         try:
             yield m
@@ -112,7 +119,7 @@ class Meter:
             if self.cuda:
                 m.peak_bytes = int(torch.cuda.max_memory_allocated(self.device) - base)
             elif base is not None:
-                m.peak_bytes = max(0, (_status_kb("VmHWM") - base) * 1024)
+                m.peak_bytes = max(0, (_status_kb("VmHWM") - base) * 1024) + kept_pages_reused(mark)
 
 
 def _git(*args) -> str | None:

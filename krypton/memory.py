@@ -33,7 +33,7 @@ _STATUS = "/proc/self/status"
 _CLEAR_REFS = "/proc/self/clear_refs"
 
 CPU_METHOD = ("peak RSS delta: VmHWM (reset by writing 5 to /proc/self/clear_refs, after glibc "
-              "malloc_trim(0)) minus VmRSS at request start")
+              "malloc_trim(0)) minus VmRSS at request start, plus the arena's kept pages the run used again")
 CPU_FALLBACK_METHOD = "getrusage ru_maxrss delta (not resettable: upper bound)"
 CUDA_METHOD = "torch.cuda.max_memory_allocated minus memory_allocated at request start"
 
@@ -42,6 +42,9 @@ ARENA_ENV = "KRYPTON_ARENA"  # "off": explain()'s batches allocate through torch
 # tensors of late layers (resnet18's 100-400 KB) stayed in glibc's heap, where they landed by its history:
 # a naive batch-1 request peaked at 29-39 MB against 19-20 MB at 64 KB, estimated 25-27 and 20.
 ARENA_MIN_BYTES = 1 << 16
+# Free arena pages below this many MiB stay resident between explanations (ext/arena.cpp: the next run reuses
+# them instead of page-faulting them in again); 0 gives every free page back when a run ends.
+ARENA_KEEP_ENV, ARENA_KEEP_MB = "KRYPTON_ARENA_KEEP_MB", 256
 
 _libc = None
 
@@ -78,15 +81,25 @@ def batch_arena():
     arena = _arena_ops() if os.environ.get(ARENA_ENV, "").strip().lower() not in ("off", "0") else None
     on = False
     try:
-        on = arena is not None and bool(arena.arena_begin(ARENA_MIN_BYTES))
+        on = arena is not None and bool(arena.arena_begin(ARENA_MIN_BYTES, arena_keep_bytes()))
         yield on
     finally:
         if on:
             arena.arena_end()
 
 
+def arena_keep_bytes() -> int:
+    """KRYPTON_ARENA_KEEP_MB (default ARENA_KEEP_MB) in bytes; a clear error when it is not a whole number >= 0."""
+    raw = os.environ.get(ARENA_KEEP_ENV, "").strip()
+    if not raw:
+        return ARENA_KEEP_MB << 20
+    if not raw.isdigit() or len(raw) > 9:
+        raise ValueError(f"{ARENA_KEEP_ENV}={raw[:20]!r}: expected a whole number of MiB in [0, 999999999]")
+    return int(raw) << 20
+
+
 _arena = None
-_ARENA_STATS = ("in_use", "high_water", "free_blocks", "reserved")
+_ARENA_STATS = ("in_use", "high_water", "free_blocks", "reserved", "resident_free", "peak_in_use")
 
 
 def _arena_ops():
@@ -100,13 +113,14 @@ def _arena_ops():
         if ops.compiled_available():
             import torch
 
-            _arena = torch.ops.krypton if hasattr(torch.ops.krypton, "arena_begin") else False
+            _arena = torch.ops.krypton if hasattr(torch.ops.krypton, "arena_trim") else False
     return _arena or None
 
 
 def arena_stats() -> Dict[str, int]:
-    """The arena's bytes in use, its high-water mark since the outermost scope opened, free blocks and
-    reserved bytes (all 0 before its first scope or without the compiled extension)."""
+    """The arena's bytes in use, its high-water mark since the outermost scope opened, free blocks, reserved
+    bytes, free bytes whose pages may be resident and the most bytes in use since arena_mark() (all 0 before
+    its first scope or without the compiled extension)."""
     arena = _arena_ops()
     return dict(zip(_ARENA_STATS, arena.arena_stats() if arena is not None else (0,) * len(_ARENA_STATS)))
 
@@ -119,11 +133,36 @@ def trim_heap() -> None:
 
 
 def release_free_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS (e.g. after a warm-up's temporaries)."""
+    """Collect garbage and hand freed heap and arena pages back to the OS (e.g. after a warm-up's
+    temporaries)."""
     import gc
 
     gc.collect()
     trim_heap()
+    arena = _arena_ops()
+    if arena is not None:
+        arena.arena_trim()
+
+
+def arena_mark() -> tuple[int, int]:
+    """At the start of a measured run: (the arena's kept free bytes, its bytes in use); from here the arena
+    tracks its peak bytes in use (see kept_pages_reused)."""
+    arena = _arena_ops()
+    if arena is None:
+        return 0, 0
+    arena.arena_mark()
+    stats = arena_stats()
+    return stats["resident_free"], stats["in_use"]
+
+
+def kept_pages_reused(mark: tuple[int, int]) -> int:
+    """Bytes to add to a peak RSS delta measured since `mark` (arena_mark): the arena's free pages kept
+    resident between runs (KRYPTON_ARENA_KEEP_MB) were already in the base, so a run that used them again
+    would look smaller than one that faulted them in. At most the kept bytes, and at most the run's own peak
+    growth in arena bytes in use: the run's peak as if those pages had been given back first, or above it
+    where its blocks landed past them."""
+    kept, in_use = mark
+    return min(kept, max(0, arena_stats()["peak_in_use"] - in_use)) if kept else 0
 
 
 def _status_kb() -> Dict[str, int]:
@@ -157,6 +196,7 @@ class PeakMemory:
         self.method: str = ""
         self._cuda = False
         self._base = 0
+        self._mark = (0, 0)
 
     def __enter__(self):
         import torch
@@ -175,6 +215,7 @@ class PeakMemory:
             if "VmRSS" in st and "VmHWM" in st:
                 self.method = CPU_METHOD
                 self._base = st["VmRSS"] * 1024
+                self._mark = arena_mark()
                 return self
         self.method = CPU_FALLBACK_METHOD
         self._base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -188,7 +229,7 @@ class PeakMemory:
             self.peak_bytes = max(0, int(torch.cuda.max_memory_allocated(self.device)) - self._base)
         elif self.method == CPU_METHOD:
             st = _status_kb()
-            self.peak_bytes = max(0, st.get("VmHWM", 0) * 1024 - self._base)
+            self.peak_bytes = max(0, st.get("VmHWM", 0) * 1024 - self._base) + kept_pages_reused(self._mark)
         else:
             self.peak_bytes = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self._base)
         return False
