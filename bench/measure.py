@@ -7,7 +7,7 @@ reset the high-water mark by writing "5" to /proc/self/clear_refs (Linux >= 4.0)
 resident and not counted; activations, copies, workspaces and the materialized tensors are. The free pages
 krypton's arena keeps resident between runs (KRYPTON_ARENA_KEEP_MB) and the run uses again count as the
 run's (krypton.memory.kept_pages_reused): a krypton run that reuses them reports the peak it would have had
-faulting them in.
+faulting them in afresh.
 
 CUDA peak memory = torch.cuda.max_memory_allocated() minus memory_allocated() before the run, after
 reset_peak_memory_stats(): the caching allocator's live tensors, the same quantity for everyone.
@@ -109,7 +109,7 @@ class Meter:
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")
                 base = _status_kb("VmRSS")
-                mark = arena_mark()
+                arena_mark()
         t0 = time.perf_counter()
         try:
             yield m
@@ -119,7 +119,7 @@ class Meter:
             if self.cuda:
                 m.peak_bytes = int(torch.cuda.max_memory_allocated(self.device) - base)
             elif base is not None:
-                m.peak_bytes = max(0, (_status_kb("VmHWM") - base) * 1024) + kept_pages_reused(mark)
+                m.peak_bytes = max(0, (_status_kb("VmHWM") - base) * 1024) + kept_pages_reused()
 
 
 def _git(*args) -> str | None:

@@ -11,8 +11,9 @@
 // outermost scope closes, the free part of the range above its first `keep_bytes` goes back to the kernel
 // (madvise MADV_DONTNEED); the free pages below stay resident for the next run, which would otherwise
 // page-fault them in again (efficientnet_lite0 stride 16: ~18% of a request; resnet18 ~2%). arena_trim()
-// gives every free page back. A measured peak (krypton.memory.PeakMemory) adds the kept pages a run used
-// again, bounded by the run's peak bytes in use since arena_mark(): their RSS was already in its base.
+// gives every free page back. A measured peak (krypton.memory.PeakMemory) adds the kept pages that a run
+// used again (counted since arena_mark(): the free pages then resident, by mincore, that a block of the run
+// was then carved from, each page once): their RSS was already in the peak's base.
 //
 // The allocator is installed as torch's CPU allocator on the first scope and stays installed (a tensor
 // allocated in a scope may be freed after it, through either deleter); outside scopes every request goes
@@ -69,22 +70,24 @@ class Arena final : public c10::Allocator {
     discard_free(0);
   }
 
+  // Starts counting reused pages (one count at a time: a second mark restarts it).
   void mark() {
     std::lock_guard<std::mutex> guard(mu_);
-    peak_in_use_ = in_use_;
+    reused_ = 0;
+    unclaimed_ = free_;
+    if (touched_ > top_) unclaimed_[top_] = touched_ - top_;
   }
 
   // in use (bytes of live blocks), high water (end of the range's used part) since the outermost scope
-  // opened, free blocks below it, reserved bytes, free bytes whose pages may be resident, the most bytes
-  // in use since mark()
+  // opened, free blocks below it, reserved bytes, resident bytes of the free part, resident free bytes
+  // that blocks were carved from since mark()
   std::vector<int64_t> stats() {
     std::lock_guard<std::mutex> guard(mu_);
-    const size_t below = active_.load() ? SIZE_MAX : keep_;  // in a scope no free page has gone back yet
-    size_t resident = part_below(top_, touched_ - top_, below);
-    for (const auto& block : free_) resident += part_below(block.first, block.second, below);
+    size_t resident = touched_ > top_ ? resident_bytes(top_, touched_ - top_) : 0;
+    for (const auto& block : free_) resident += resident_bytes(block.first, block.second);
     return {static_cast<int64_t>(in_use_), static_cast<int64_t>(high_water_),
             static_cast<int64_t>(free_.size()), static_cast<int64_t>(capacity_), static_cast<int64_t>(resident),
-            static_cast<int64_t>(peak_in_use_)};
+            static_cast<int64_t>(reused_)};
   }
 
   c10::DataPtr allocate(size_t n) override {
@@ -96,9 +99,9 @@ class Arena final : public c10::Allocator {
     std::lock_guard<std::mutex> guard(mu_);
     size_t offset = take(size);
     if (offset == SIZE_MAX) return base_->allocate(n);
+    claim(offset, size);
     used_[offset] = size;
     in_use_ += size;
-    peak_in_use_ = std::max(peak_in_use_, in_use_);
     return {region_ + offset, region_ + offset, &release, c10::Device(c10::DeviceType::CPU)};
   }
 
@@ -157,7 +160,7 @@ class Arena final : public c10::Allocator {
   }
 
   void give_back(size_t offset, size_t size) {
-    if (!active_.load()) discard_above(offset, size, keep_);  // outside a scope the pages go back at once
+    if (!active_.load()) discard_above(offset, size, keep_);  // outside a scope: at once, above keep_
     auto next = free_.lower_bound(offset);
     if (next != free_.begin()) {
       auto prev = std::prev(next);
@@ -172,7 +175,7 @@ class Arena final : public c10::Allocator {
       free_.erase(next);
     }
     if (offset + size == top_) {
-      top_ = offset;  // the pages stay resident until the scope ends (touched_ keeps them)
+      top_ = offset;  // the pages stay resident until the scope ends, below keep_ after it (touched_)
     } else {
       free_[offset] = size;
     }
@@ -182,8 +185,36 @@ class Arena final : public c10::Allocator {
     if (size > 0) madvise(region_ + offset, size, MADV_DONTNEED);
   }
 
-  static size_t part_below(size_t offset, size_t size, size_t end) {
-    return offset >= end ? 0 : std::min(size, end - offset);
+  // Resident bytes of [offset, offset + size) (page-aligned, inside the committed part).
+  size_t resident_bytes(size_t offset, size_t size) {
+    const size_t pages = size / page_;
+    if (pages == 0) return 0;
+    residency_.resize(pages);
+    if (mincore(region_ + offset, size, residency_.data()) != 0) return size;  // unknown: count it all
+    size_t n = 0;
+    for (unsigned char r : residency_) n += r & 1;
+    return n * page_;
+  }
+
+  // A new block at [offset, offset + size): its pages that were free at mark() and are still resident
+  // were kept from before the measured run; count them once and forget them.
+  void claim(size_t offset, size_t size) {
+    if (unclaimed_.empty()) return;
+    const size_t end = offset + size;
+    auto it = unclaimed_.upper_bound(offset);
+    if (it != unclaimed_.begin()) --it;
+    while (it != unclaimed_.end() && it->first < end) {
+      const size_t lo = std::max(it->first, offset), hi = std::min(it->first + it->second, end);
+      if (lo >= hi) {
+        ++it;
+        continue;
+      }
+      reused_ += resident_bytes(lo, hi - lo);
+      const size_t first = it->first, last = it->first + it->second;
+      it = unclaimed_.erase(it);
+      if (first < lo) unclaimed_[first] = lo - first;
+      if (hi < last) unclaimed_[hi] = last - hi;  // hi == end: the loop stops at it
+    }
   }
 
   // The part of [offset, offset + size) at or above `from`.
@@ -229,7 +260,9 @@ class Arena final : public c10::Allocator {
   size_t keep_ = 0;        // free pages below this stay resident when the outermost scope closes
   size_t high_water_ = 0;  // the largest top_ since the outermost scope opened
   size_t in_use_ = 0;
-  size_t peak_in_use_ = 0;
+  size_t reused_ = 0;                   // see mark() and claim()
+  std::map<size_t, size_t> unclaimed_;  // the free part at mark() that no block has been carved from since
+  std::vector<unsigned char> residency_;
   int depth_ = 0;
   std::map<size_t, size_t> free_;  // offset -> bytes, below top_, never adjacent
   std::map<size_t, size_t> used_;  // offset -> bytes

@@ -64,9 +64,9 @@ def _glibc():
 @contextmanager
 def batch_arena():
     """Within: torch's CPU tensors of ARENA_MIN_BYTES or more come from krypton's arena (ext/arena.cpp), one
-    reserved address range, first fit, freed blocks coalescing; on exit its free pages go back to the OS.
-    Yields whether it is in effect (False without the compiled extension or with KRYPTON_ARENA=off). Scopes
-    nest: the outermost one gives the pages back.
+    reserved address range, first fit, freed blocks coalescing; on exit its free pages above the first
+    KRYPTON_ARENA_KEEP_MB go back to the OS (arena_keep_bytes). Yields whether it is in effect (False without
+    the compiled extension or with KRYPTON_ARENA=off). Scopes nest: the outermost one gives the pages back.
 
     Why: explain()'s batches allocate the same large tensors batch after batch. With glibc either each batch
     page-faults them in afresh (blocks over its mmap threshold are mapped per allocation: a 59 MB stitch took
@@ -93,13 +93,13 @@ def arena_keep_bytes() -> int:
     raw = os.environ.get(ARENA_KEEP_ENV, "").strip()
     if not raw:
         return ARENA_KEEP_MB << 20
-    if not raw.isdigit() or len(raw) > 9:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
         raise ValueError(f"{ARENA_KEEP_ENV}={raw[:20]!r}: expected a whole number of MiB in [0, 999999999]")
     return int(raw) << 20
 
 
 _arena = None
-_ARENA_STATS = ("in_use", "high_water", "free_blocks", "reserved", "resident_free", "peak_in_use")
+_ARENA_STATS = ("in_use", "high_water", "free_blocks", "reserved", "resident_free", "reused")
 
 
 def _arena_ops():
@@ -119,8 +119,8 @@ def _arena_ops():
 
 def arena_stats() -> Dict[str, int]:
     """The arena's bytes in use, its high-water mark since the outermost scope opened, free blocks, reserved
-    bytes, free bytes whose pages may be resident and the most bytes in use since arena_mark() (all 0 before
-    its first scope or without the compiled extension)."""
+    bytes, resident bytes of its free part, and the kept pages reused since arena_mark() (all 0 before its
+    first scope or without the compiled extension)."""
     arena = _arena_ops()
     return dict(zip(_ARENA_STATS, arena.arena_stats() if arena is not None else (0,) * len(_ARENA_STATS)))
 
@@ -144,25 +144,21 @@ def release_free_memory() -> None:
         arena.arena_trim()
 
 
-def arena_mark() -> tuple[int, int]:
-    """At the start of a measured run: (the arena's kept free bytes, its bytes in use); from here the arena
-    tracks its peak bytes in use (see kept_pages_reused)."""
+def arena_mark() -> None:
+    """At the start of a measured run (not nested in another one): count the arena's kept pages that the
+    run uses again from here (kept_pages_reused)."""
     arena = _arena_ops()
-    if arena is None:
-        return 0, 0
-    arena.arena_mark()
-    stats = arena_stats()
-    return stats["resident_free"], stats["in_use"]
+    if arena is not None:
+        arena.arena_mark()
 
 
-def kept_pages_reused(mark: tuple[int, int]) -> int:
-    """Bytes to add to a peak RSS delta measured since `mark` (arena_mark): the arena's free pages kept
-    resident between runs (KRYPTON_ARENA_KEEP_MB) were already in the base, so a run that used them again
-    would look smaller than one that faulted them in. At most the kept bytes, and at most the run's own peak
-    growth in arena bytes in use: the run's peak as if those pages had been given back first, or above it
-    where its blocks landed past them."""
-    kept, in_use = mark
-    return min(kept, max(0, arena_stats()["peak_in_use"] - in_use)) if kept else 0
+def kept_pages_reused() -> int:
+    """Bytes to add to a peak RSS delta measured since arena_mark(): the free pages the arena kept resident
+    between runs (KRYPTON_ARENA_KEEP_MB) that blocks of the run were carved from. Their RSS was already in
+    the base, so without them a run that reused kept pages would look smaller than one that faulted them in
+    afresh; with them it reports the peak it would have had with every free page given back first (or more,
+    where it reused kept pages only after its peak)."""
+    return arena_stats()["reused"]
 
 
 def _status_kb() -> Dict[str, int]:
@@ -196,7 +192,6 @@ class PeakMemory:
         self.method: str = ""
         self._cuda = False
         self._base = 0
-        self._mark = (0, 0)
 
     def __enter__(self):
         import torch
@@ -215,7 +210,7 @@ class PeakMemory:
             if "VmRSS" in st and "VmHWM" in st:
                 self.method = CPU_METHOD
                 self._base = st["VmRSS"] * 1024
-                self._mark = arena_mark()
+                arena_mark()
                 return self
         self.method = CPU_FALLBACK_METHOD
         self._base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -229,7 +224,7 @@ class PeakMemory:
             self.peak_bytes = max(0, int(torch.cuda.max_memory_allocated(self.device)) - self._base)
         elif self.method == CPU_METHOD:
             st = _status_kb()
-            self.peak_bytes = max(0, st.get("VmHWM", 0) * 1024 - self._base) + kept_pages_reused(self._mark)
+            self.peak_bytes = max(0, st.get("VmHWM", 0) * 1024 - self._base) + kept_pages_reused()
         else:
             self.peak_bytes = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self._base)
         return False

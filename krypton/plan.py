@@ -340,14 +340,22 @@ def _clean_reads(steps: list[Step], states: dict, output: fx.Node) -> frozenset[
 
 
 def _peak_bytes(steps: list[Step], last_use: dict) -> int:
-    """Largest per-position working set over the steps: live outputs plus the step's temporaries."""
+    """Largest per-position working set over the steps: live outputs plus the step's temporaries. A step
+    that allocates nothing and may alias (a folded batch norm, an in-place ReLU or add) hands on its input's
+    tensor: when the input dies, its bytes stay counted under the alias while that is live."""
     live: dict[fx.Node, int] = {}
+    heirs: dict[fx.Node, list[fx.Node]] = {}  # node -> the aliases of its tensor
     peak = 0
     for idx, step in enumerate(steps):
+        if step.may_alias and not step.allocates and step.inputs:
+            heirs.setdefault(step.inputs[0], []).append(step.node)
         live[step.node] = live.get(step.node, 0) + step.out_bytes
         peak = max(peak, sum(live.values()) + step.tmp_bytes)
         for n in [n for n in live if last_use.get(n, -1) <= idx]:
-            del live[n]
+            freed = live.pop(n)
+            heir = next((a for a in heirs.get(n, ()) if a in live), None)
+            if heir is not None:
+                live[heir] += freed
     return peak
 
 

@@ -620,6 +620,8 @@ class BinaryRule(_BoxedRule):
         output is fresh, so a ReLU after it runs in place too (resnet18 S16: two fewer full maps per add)."""
         a, b = spec.inputs
         shape = builder.shapes[node]
+        if spec.binary not in _BINARY_INTO or any(builder.shapes.get(n) is None for n in (node, a, b)):
+            return None  # sizes (e.g. h * w of x.size()) and a subclass's own ops: the stock op
         for target, other in ((a, b), (b, a)) if spec.binary in _COMMUTATIVE else ((a, b),):
             producer = builder.full_producer.get(target)
             if (len(target.users) == 1 and builder.shapes[target] == shape and producer is not None
@@ -652,8 +654,8 @@ class _FullBinaryInto:
 
     def run(self, runner, step, state):
         target, other = state.fulls[step.inputs[0]], state.env[step.inputs[1]]
-        if torch.result_type(target, other) != target.dtype:  # the result would not fit the target's dtype
-            return step.spec.binary(target, other)
+        if torch.result_type(target, other) != target.dtype:  # would not fit the target's dtype (planned as
+            return step.spec.binary(target, other)  # in place: never the case for a model in one dtype)
         return _BINARY_INTO[step.spec.binary](target, other)
 
 

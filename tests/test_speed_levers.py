@@ -142,3 +142,29 @@ def test_global_binary_ops_write_into_fresh_operands_and_stay_exact(size, patch,
     assert "full_binary_into" in kinds  # the residual add, into the folded conv's own output
     if size <= 12:  # the whole tail is global: the subtraction and the product too, and the ReLU in place
         assert {"full_binary", "full_inplace"} <= kinds
+
+
+class SizeArithmetic(nn.Module):
+    """Arithmetic of sizes (h * w from x.size()) beside tensor arithmetic in the global part."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = self.conv(x)
+        b, c, h, w = x.size()
+        rows = x.reshape(b * c, h * w)  # b is the batch's size: b * c is computed per batch
+        return self.fc(rows.sum(1).reshape(b, c) / (h * w) * 2.0)
+
+
+def test_size_arithmetic_in_the_global_part_runs_the_stock_op():
+    torch.manual_seed(1)
+    model = SizeArithmetic().eval().double()
+    image = torch.randn(1, 3, 10, 10, dtype=torch.float64)
+    explainer = krypton.Explainer(model)
+    exp = explainer.explain(image, patch_size=4, stride=3, fill=0.0, batch_size=5)
+    assert max_error(exp.heatmap, occlusion_oracle(model, image, 4, 3, [0.0]).heatmap) < 1e-9
+    steps = {s.node.name: s.kind for s in explainer.grid_plans((1, 3, 10, 10), 4, 3)[0][1].steps}
+    assert steps["mul"] == steps["mul_1"] == "full"  # b * c and h * w: ints, never written in place

@@ -31,7 +31,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 import krypton
 from krypton.errors import ModelError, OptionError
-from krypton.memory import PeakMemory, release_free_memory
+from krypton.memory import PeakMemory, arena_keep_bytes, release_free_memory
 
 from . import guard as obe_guard
 from . import render as obe_render
@@ -102,6 +102,7 @@ class KryptonExplainMixin:
         self.settings = obe_request.settings_from_config(cfg)
         self._configured_pre = set((cfg or {}).get("preprocess") or {})
         s = self.settings
+        arena_keep_bytes()  # a bad KRYPTON_ARENA_KEEP_MB fails the load, not every request
         rt = obe_guard.check_response_timeout(yaml_cfg, s.limits.max_request_seconds)
         self.budget = obe_guard.WorkBudget(s.limits.max_request_seconds, rt)
         obe_guard.watch_duplicate_parts()
@@ -251,7 +252,9 @@ class KryptonExplainMixin:
             models = self.explainer.calibrate_memory(shape, d.patch_size, d.stride, budget)
             logger.info("model %s: memory calibrated in %.0f ms: %s", self.model_name,
                         (time.perf_counter() - t1) * 1e3, models)
-        release_free_memory()  # the warm-up's temporaries: an idle worker holds its weights and plans only
+        # the warm-up's temporaries and arena pages: a worker that has not served yet holds its weights and
+        # plans only (after requests, also up to KRYPTON_ARENA_KEEP_MB of kept arena pages)
+        release_free_memory()
         logger.info("model %s: warm-up plan (P=%d, S=%d) in %.0f ms", self.model_name, d.patch_size,
                     d.stride, (t1 - t0) * 1e3)
 
