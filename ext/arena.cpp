@@ -10,7 +10,7 @@
 // run's peak depends only on its own sequence of allocations, not on the process's history. When the
 // outermost scope closes, the free part of the range above its first `keep_bytes` goes back to the kernel
 // (madvise MADV_DONTNEED); the free pages below stay resident for the next run, which would otherwise
-// page-fault them in again (efficientnet_lite0 stride 16: ~18% of a request; resnet18 ~2%). arena_trim()
+// page-fault them in again (efficientnet_lite0 stride 16: ~18% of a request; resnet18 ~2%); keep_bytes 0
 // gives every free page back. A measured peak (krypton.memory.PeakMemory) adds the kept pages that a run
 // used again (counted since arena_mark(): the free pages then resident, by mincore, that a block of the run
 // was then carved from, each page once): their RSS was already in the peak's base.
@@ -63,11 +63,6 @@ class Arena final : public c10::Allocator {
     if (depth_ == 0 || --depth_ > 0) return;
     active_.store(false);
     discard_free(keep_);
-  }
-
-  void trim() {
-    std::lock_guard<std::mutex> guard(mu_);
-    discard_free(0);
   }
 
   // Starts counting reused pages (one count at a time: a second mark restarts it).
@@ -270,7 +265,6 @@ class Arena final : public c10::Allocator {
 
 bool arena_begin(int64_t min_bytes, int64_t keep_bytes) { return Arena::get().begin(min_bytes, keep_bytes); }
 void arena_end() { Arena::get().end(); }
-void arena_trim() { Arena::get().trim(); }
 void arena_mark() { Arena::get().mark(); }
 std::vector<int64_t> arena_stats() { return Arena::get().stats(); }
 
@@ -279,7 +273,6 @@ std::vector<int64_t> arena_stats() { return Arena::get().stats(); }
 TORCH_LIBRARY_FRAGMENT(krypton, m) {
   m.def("arena_begin(int min_bytes, int keep_bytes) -> bool", &arena_begin);
   m.def("arena_end() -> ()", &arena_end);
-  m.def("arena_trim() -> ()", &arena_trim);
   m.def("arena_mark() -> ()", &arena_mark);
   m.def("arena_stats() -> int[]", &arena_stats);
 }

@@ -20,7 +20,7 @@ The heap's history used to move peaks by up to 1.7x between identical requests (
 tensors over whatever earlier work left free in its heap); an explanation's clean pass and batches now
 allocate every tensor of 64 KB or more in krypton's arena (memory.batch_arena), where a run's peak depends
 on its own allocations only, so the probes measure what requests will peak at (bench/results/memory-cpu.md
-at 9419b82: every estimate 0.77-1.34x its measured peak, every default model, method and batch choice).
+at e3c75a2: every estimate 0.70-1.37x its measured peak, every default model, method and batch choice).
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ DEFAULT_FACTOR = 3.0
 # The modelled peak times this must fit the budget. Sized on glibc's heap, before the arena, where identical
 # requests in one worker peaked up to ~40% apart (efficientnet_lite0's first naive request at batch 23
 # peaked at 1.54x its estimate, 1120 MB, over a 1 GiB budget at SAFETY 1.35); kept at 1.5 with the arena,
-# whose estimates measure 0.77-1.34x of peaks (bench/results/memory-cpu.md at 9419b82): a batch chosen by this
+# whose estimates measure 0.70-1.37x of peaks (bench/results/memory-cpu.md at e3c75a2): a batch chosen by this
 # factor keeps its peak within the budget as long as the estimate is at least 1/1.5 = 0.67x of the peak.
 SAFETY = 1.5
 # The measured points are raised by this, so that the estimate bounds a run's usual peak. With glibc's heap

@@ -87,11 +87,12 @@ def _run_node(capture, node: fx.Node, env, keep_inputs: bool = False) -> object:
 
 
 @torch.no_grad()
-def run_graph(capture, image: torch.Tensor, keep: frozenset[str] | None = None) -> dict[fx.Node, object]:
+def run_graph(capture, image: torch.Tensor, keep: frozenset[str] | None = None,
+              shapes: dict | None = None) -> dict[fx.Node, object]:
     """Run `image` (1, C, H, W) through the graph, keeping every node's value (the output node's too), or
     with `keep` only those of the nodes named there (and the output's, the inputs', the parameters'): the
     others are dropped after their last use, so the clean pass never holds more than it keeps plus what
-    is live."""
+    is live. `shapes`, when given, receives every node's output shape (None for a non-tensor)."""
     env: dict[fx.Node, object] = {}
     nodes = capture.nodes
     last_use = {}
@@ -108,6 +109,8 @@ def run_graph(capture, image: torch.Tensor, keep: frozenset[str] | None = None) 
             env[node] = fx.node.map_arg(node.args[0], lambda n: env[n])
         else:
             env[node] = _run_node(capture, node, env, keep_inputs=True)
+        if shapes is not None:
+            shapes[node] = env[node].shape if isinstance(env[node], torch.Tensor) else None
         if keep is not None:
             for i in [node, *node.all_input_nodes]:
                 if i.op in _COMPUTED and i.name not in keep and last_use.get(i, -1) <= idx:

@@ -113,7 +113,7 @@ def _arena_ops():
         if ops.compiled_available():
             import torch
 
-            _arena = torch.ops.krypton if hasattr(torch.ops.krypton, "arena_trim") else False
+            _arena = torch.ops.krypton if hasattr(torch.ops.krypton, "arena_mark") else False
     return _arena or None
 
 
@@ -133,15 +133,12 @@ def trim_heap() -> None:
 
 
 def release_free_memory() -> None:
-    """Collect garbage and hand freed heap and arena pages back to the OS (e.g. after a warm-up's
-    temporaries)."""
+    """Collect garbage and hand freed heap pages back to the OS (e.g. after a warm-up's temporaries). The
+    arena's kept pages stay: the next request reuses them (KRYPTON_ARENA_KEEP_MB bounds them)."""
     import gc
 
     gc.collect()
     trim_heap()
-    arena = _arena_ops()
-    if arena is not None:
-        arena.arena_trim()
 
 
 def arena_mark() -> None:

@@ -252,8 +252,8 @@ class KryptonExplainMixin:
             models = self.explainer.calibrate_memory(shape, d.patch_size, d.stride, budget)
             logger.info("model %s: memory calibrated in %.0f ms: %s", self.model_name,
                         (time.perf_counter() - t1) * 1e3, models)
-        # the warm-up's temporaries and arena pages: a worker that has not served yet holds its weights and
-        # plans only (after requests, also up to KRYPTON_ARENA_KEEP_MB of kept arena pages)
+        # the warm-up's temporaries: the worker holds its weights, plans and up to KRYPTON_ARENA_KEEP_MB of
+        # arena pages that the first request then reuses instead of page-faulting them in
         release_free_memory()
         logger.info("model %s: warm-up plan (P=%d, S=%d) in %.0f ms", self.model_name, d.patch_size,
                     d.stride, (t1 - t0) * 1e3)
