@@ -21,7 +21,7 @@ CANDIDATE_BOUNDARIES_PX = ([], [32], [24, 48], [16, 32, 64], [20, 36, 60], [24, 
 # heatmaps: VGG16 5.23 -> 4.59 s (executed speedup 7.38 -> 8.67), ResNet18 1.65 -> 1.44 s, EfficientNet-Lite0
 # 0.91 -> 0.86 s; Inception3 at 299 px (executed 1.80 -> 1.86) 12.3 / 13.5 s, within its run-to-run spread
 # of 11-14 s. The cost: a cold first request builds more plans and window shapes (EfficientNet-Lite0 S16 cold /
-# warm 1.40x on the Intel run at 4f4a7f7, was 1.06x; 1.70x in bench/results/speed-cpu-p16s16.md). At stride 8
+# warm 1.40x on the Intel run at 4f4a7f7, was 1.06x; 1.70x on the EPYC at 2f0b580, 1.50x at e3c75a2). At stride 8
 # VGG16's grid splits into 9 groups (was 4; executed 7.87 -> 8.36; the memory benchmark's request 37.7 ->
 # 30.3 s, estimates 1.00-1.06x of the peaks).
 MIN_GROUP = 16
