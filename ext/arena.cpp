@@ -74,15 +74,12 @@ class Arena final : public c10::Allocator {
   }
 
   // in use (bytes of live blocks), high water (end of the range's used part) since the outermost scope
-  // opened, free blocks below it, reserved bytes, resident bytes of the free part, resident free bytes
-  // that blocks were carved from since mark()
+  // opened, free blocks below it, reserved bytes, resident free bytes that blocks were carved from since
+  // mark()
   std::vector<int64_t> stats() {
     std::lock_guard<std::mutex> guard(mu_);
-    size_t resident = touched_ > top_ ? resident_bytes(top_, touched_ - top_) : 0;
-    for (const auto& block : free_) resident += resident_bytes(block.first, block.second);
     return {static_cast<int64_t>(in_use_), static_cast<int64_t>(high_water_),
-            static_cast<int64_t>(free_.size()), static_cast<int64_t>(capacity_), static_cast<int64_t>(resident),
-            static_cast<int64_t>(reused_)};
+            static_cast<int64_t>(free_.size()), static_cast<int64_t>(capacity_), static_cast<int64_t>(reused_)};
   }
 
   c10::DataPtr allocate(size_t n) override {

@@ -99,7 +99,7 @@ def arena_keep_bytes() -> int:
 
 
 _arena = None
-_ARENA_STATS = ("in_use", "high_water", "free_blocks", "reserved", "resident_free", "reused")
+_ARENA_STATS = ("in_use", "high_water", "free_blocks", "reserved", "reused")
 
 
 def _arena_ops():
@@ -119,8 +119,8 @@ def _arena_ops():
 
 def arena_stats() -> Dict[str, int]:
     """The arena's bytes in use, its high-water mark since the outermost scope opened, free blocks, reserved
-    bytes, resident bytes of its free part, and the kept pages reused since arena_mark() (all 0 before its
-    first scope or without the compiled extension)."""
+    bytes and the kept pages reused since arena_mark() (all 0 before its first scope or without the compiled
+    extension)."""
     arena = _arena_ops()
     return dict(zip(_ARENA_STATS, arena.arena_stats() if arena is not None else (0,) * len(_ARENA_STATS)))
 

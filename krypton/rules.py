@@ -619,9 +619,9 @@ class BinaryRule(_BoxedRule):
         that is a fresh full tensor of the output's shape seen only here, else a new tensor. Either way the
         output is fresh, so a ReLU after it runs in place too (resnet18 S16: two fewer full maps per add)."""
         a, b = spec.inputs
-        shape = builder.shapes[node]
         if spec.binary not in _BINARY_INTO or any(builder.shapes.get(n) is None for n in (node, a, b)):
             return None  # sizes (e.g. h * w of x.size()) and a subclass's own ops: the stock op
+        shape = builder.shapes[node]
         for target, other in ((a, b), (b, a)) if spec.binary in _COMMUTATIVE else ((a, b),):
             producer = builder.full_producer.get(target)
             if (len(target.users) == 1 and builder.shapes[target] == shape and producer is not None
